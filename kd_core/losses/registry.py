@@ -1,0 +1,106 @@
+"""Name -> loss lookup so training code can pick distillation losses from config data.
+
+Every registered ``fn`` has the same call signature::
+
+    fn(student_feature, teacher_feature, attention_mask=None, **params) -> scalar Tensor
+
+Unknown ``params`` raise ``TypeError`` (keyword-only arguments), so config typos fail loudly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch import Tensor
+
+from ._common import select_valid_positions
+from .distilbert import cosine_embedding_loss, kl_divergence_loss
+from .minilm import minilm_attention_kl, minilm_value_relation_kl, minilmv2_relation_kl
+from .tinybert import attention_mse, hidden_mse, soft_cross_entropy
+
+__all__ = ["LossSpec", "LOSSES", "get_loss"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: ``fn(student, teacher, attention_mask=None, **params)``.
+
+    ``accepts_projection`` tells the trainer whether a learnable student->teacher
+    projection can be passed as ``projection=`` (only width-matching losses).
+    """
+
+    name: str
+    fn: Callable[..., Tensor]
+    accepts_projection: bool = False
+
+    def __call__(
+        self,
+        student_feature: Tensor,
+        teacher_feature: Tensor,
+        attention_mask: Tensor | None = None,
+        **params: Any,
+    ) -> Tensor:
+        return self.fn(student_feature, teacher_feature, attention_mask, **params)
+
+
+# Adapters are module-level functions (not lambdas) so specs stay picklable.
+
+
+def _attention_mse(student, teacher, attention_mask=None):
+    return attention_mse(student, teacher, attention_mask)
+
+
+def _hidden_mse(student, teacher, attention_mask=None, *, projection=None):
+    return hidden_mse(student, teacher, projection=projection, attention_mask=attention_mask)
+
+
+def _soft_cross_entropy(student, teacher, attention_mask=None, *, temperature=1.0):
+    student = select_valid_positions(student, attention_mask)
+    teacher = select_valid_positions(teacher, attention_mask)
+    return soft_cross_entropy(student, teacher, temperature)
+
+
+def _minilm_attention_kl(student, teacher, attention_mask=None):
+    return minilm_attention_kl(student, teacher, attention_mask)
+
+
+def _minilm_value_relation_kl(student, teacher, attention_mask=None):
+    return minilm_value_relation_kl(student, teacher, attention_mask)
+
+
+def _minilmv2_relation_kl(student, teacher, attention_mask=None, *, num_relation_heads):
+    return minilmv2_relation_kl(student, teacher, num_relation_heads, attention_mask)
+
+
+def _cosine(student, teacher, attention_mask=None):
+    return cosine_embedding_loss(student, teacher, attention_mask)
+
+
+def _kl_div(student, teacher, attention_mask=None, *, temperature=1.0):
+    return kl_divergence_loss(student, teacher, temperature, attention_mask)
+
+
+LOSSES: dict[str, LossSpec] = {
+    spec.name: spec
+    for spec in (
+        LossSpec("attention_mse", _attention_mse),
+        LossSpec("hidden_mse", _hidden_mse, accepts_projection=True),
+        LossSpec("soft_cross_entropy", _soft_cross_entropy),
+        LossSpec("minilm_attention_kl", _minilm_attention_kl),
+        LossSpec("minilm_value_relation_kl", _minilm_value_relation_kl),
+        LossSpec("minilmv2_relation_kl", _minilmv2_relation_kl),
+        LossSpec("cosine", _cosine),
+        LossSpec("kl_div", _kl_div),
+    )
+}
+
+
+def get_loss(name: str) -> LossSpec:
+    """Return the registered :class:`LossSpec` for ``name``; ValueError lists known names."""
+    try:
+        return LOSSES[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}"
+        ) from None
