@@ -1,0 +1,210 @@
+"""The distillation objective, built from declarative matches.
+
+A recipe preset (``tinybert_intermediate``, ``minilm``, ...) expands into a list of
+:class:`~kd_core.config.MatchSpec`, using a layer-mapping strategy. :class:`Objective` turns
+those specs into a module that owns the learnable projections and computes the weighted sum of
+loss terms from the student's and teacher's :class:`EncoderInternals`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kd_core.config import LayerMapping, MatchSpec
+from kd_core.losses import get_loss
+
+
+class MappingError(ValueError):
+    """An impossible student→teacher layer mapping."""
+
+
+def map_layers(mapping: LayerMapping, student_layers: int, teacher_layers: int) -> list[int]:
+    """Teacher layer (1-based) for each student layer m = 1..M."""
+    m_count, n_count = student_layers, teacher_layers
+    if m_count < 1 or n_count < 1:
+        raise MappingError(f"need at least one layer (student {m_count}, teacher {n_count})")
+    strategy = mapping.strategy
+    if strategy != "explicit" and m_count > n_count:
+        raise MappingError(
+            f"mapping {strategy!r} needs student layers <= teacher layers, got student {m_count} "
+            f"and teacher {n_count}; give mapping.strategy='explicit' with mapping.layers instead"
+        )
+    if strategy == "uniform":
+        # g(m) = m·N/M (TinyBERT §3.1); round half up keeps g(M) = N for non-divisible depths.
+        return [math.floor(m * n_count / m_count + 0.5) for m in range(1, m_count + 1)]
+    if strategy == "last":
+        return list(range(n_count - m_count + 1, n_count + 1))
+    if strategy == "first":
+        return list(range(1, m_count + 1))
+    layers = list(mapping.layers or [])
+    if len(layers) != m_count:
+        raise MappingError(
+            f"mapping.layers has {len(layers)} entries but the student has {m_count} layers; "
+            f"give one teacher layer per student layer"
+        )
+    bad = [layer for layer in layers if not 1 <= layer <= n_count]
+    if bad:
+        raise MappingError(f"mapping.layers {bad} out of range: the teacher has layers 1..{n_count}")
+    return layers
+
+
+def _recipe_tinybert_intermediate(mapped: list[int], params: dict) -> list[MatchSpec]:
+    specs = [MatchSpec(feature="embeddings", loss="hidden_mse", student_layer=0, teacher_layer=0, projection="W_e")]
+    for m, g in enumerate(mapped, start=1):
+        specs.append(MatchSpec(feature="attention_scores", loss="attention_mse", student_layer=m, teacher_layer=g))
+        specs.append(MatchSpec(feature="hidden", loss="hidden_mse", student_layer=m, teacher_layer=g, projection="W_h"))
+    return specs
+
+
+def _recipe_tinybert_prediction(mapped: list[int], params: dict) -> list[MatchSpec]:
+    temperature = params.get("temperature", 1.0)
+    return [MatchSpec(feature="logits", loss="soft_cross_entropy", params={"temperature": temperature})]
+
+
+def _recipe_minilm(mapped: list[int], params: dict) -> list[MatchSpec]:
+    # MiniLM §3.1: only the last student layer, against the last teacher layer (or a chosen one).
+    student_last = len(mapped)
+    teacher_layer = params.get("teacher_layer", mapped[-1])
+    return [
+        MatchSpec(feature="attention_probs", loss="minilm_attention_kl", student_layer=student_last, teacher_layer=teacher_layer),
+        MatchSpec(feature="value", loss="minilm_value_relation_kl", student_layer=student_last, teacher_layer=teacher_layer),
+    ]
+
+
+def _recipe_minilmv2(mapped: list[int], params: dict) -> list[MatchSpec]:
+    student_last = len(mapped)
+    teacher_layer = params.get("teacher_layer", mapped[-1])
+    heads = params.get("num_relation_heads")
+    if heads is None:
+        raise MappingError("recipe minilmv2 needs recipe_params.num_relation_heads (e.g. 12 or 48)")
+    return [
+        MatchSpec(
+            feature=f"{kind}_merged",
+            loss="minilmv2_relation_kl",
+            student_layer=student_last,
+            teacher_layer=teacher_layer,
+            params={"num_relation_heads": heads},
+        )
+        for kind in ("query", "key", "value")
+    ]
+
+
+def _recipe_distilbert(mapped: list[int], params: dict) -> list[MatchSpec]:
+    # DistilBERT: soft targets (KL·T², weight 5) + cosine on the last hidden states (weight 1).
+    # Its MLM term needs a teacher MLM head and labels; it lives in the task stages.
+    temperature = params.get("temperature", 2.0)
+    return [
+        MatchSpec(feature="logits", loss="kl_div", weight=params.get("alpha_ce", 5.0), params={"temperature": temperature}),
+        MatchSpec(
+            feature="hidden",
+            loss="cosine",
+            student_layer=len(mapped),
+            teacher_layer=mapped[-1],
+            weight=params.get("alpha_cos", 1.0),
+        ),
+    ]
+
+
+RECIPES = {
+    "tinybert_intermediate": _recipe_tinybert_intermediate,
+    "tinybert_prediction": _recipe_tinybert_prediction,
+    "minilm": _recipe_minilm,
+    "minilmv2": _recipe_minilmv2,
+    "distilbert": _recipe_distilbert,
+}
+
+
+def expand_recipe(
+    recipe: str | None,
+    mapping: LayerMapping,
+    student_layers: int,
+    teacher_layers: int,
+    extra: list[MatchSpec] | None = None,
+    params: dict | None = None,
+) -> list[MatchSpec]:
+    """Matches for a recipe preset plus any explicitly listed ones."""
+    specs: list[MatchSpec] = []
+    if recipe:
+        if recipe not in RECIPES:
+            raise MappingError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
+        specs = RECIPES[recipe](map_layers(mapping, student_layers, teacher_layers), dict(params or {}))
+    return specs + list(extra or [])
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+
+
+_HIDDEN_FEATURES = {"embeddings", "hidden"}
+_HEADED_FEATURES = {"attention_scores", "attention_probs", "query", "key", "value"}
+
+
+def term_name(spec: MatchSpec) -> str:
+    if spec.feature in ("logits", "embeddings"):
+        return f"{spec.feature}:{spec.loss}"
+    return f"{spec.feature}[{spec.student_layer}<-{spec.teacher_layer}]:{spec.loss}"
+
+
+class Objective(nn.Module):
+    """Weighted sum of match terms; owns the projections (saved beside the student)."""
+
+    def __init__(self, specs: list[MatchSpec], student: ModelShape, teacher: ModelShape):
+        super().__init__()
+        if not specs:
+            raise MappingError("the objective has no matches")
+        self.specs = list(specs)
+        self.losses = [get_loss(spec.loss) for spec in self.specs]
+        self.projections = nn.ModuleDict()
+        for spec, loss in zip(self.specs, self.losses):
+            self._validate(spec, loss, student, teacher)
+            if spec.projection and spec.projection not in self.projections:
+                self.projections[spec.projection] = nn.Linear(student.hidden_size, teacher.hidden_size)
+
+    @staticmethod
+    def _validate(spec: MatchSpec, loss, student: ModelShape, teacher: ModelShape) -> None:
+        name = term_name(spec)
+        if spec.feature not in ("logits", "embeddings"):
+            low = 0 if spec.feature == "hidden" else 1
+            for who, layer, shape in (("student", spec.student_layer, student), ("teacher", spec.teacher_layer, teacher)):
+                if layer is None or not low <= layer <= shape.num_layers:
+                    raise MappingError(
+                        f"match {name}: {who}_layer must be in {low}..{shape.num_layers} for the {who}, got {layer}"
+                    )
+        if spec.projection and not loss.accepts_projection:
+            raise MappingError(f"match {name}: loss {spec.loss!r} takes no projection")
+        if spec.projection and spec.feature not in _HIDDEN_FEATURES:
+            raise MappingError(f"match {name}: projections apply to hidden states and embeddings only")
+        if spec.feature in _HIDDEN_FEATURES and not spec.projection and student.hidden_size != teacher.hidden_size:
+            raise MappingError(
+                f"match {name}: student hidden {student.hidden_size} != teacher hidden {teacher.hidden_size}; "
+                f"set projection (e.g. 'W_h') on this match"
+            )
+        if spec.feature in _HEADED_FEATURES and student.num_heads != teacher.num_heads:
+            raise MappingError(
+                f"match {name}: student has {student.num_heads} heads and the teacher {teacher.num_heads}; "
+                f"{spec.loss} compares heads one to one, so set student.num_heads={teacher.num_heads} "
+                f"or use the minilmv2 recipe, whose relation heads need no equal head counts"
+            )
+
+    def forward(self, student_out, teacher_out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mask = student_out.attention_mask
+        terms: dict[str, torch.Tensor] = {}
+        total = None
+        for spec, loss in zip(self.specs, self.losses):
+            s_feat = student_out.feature(spec.feature, spec.student_layer)
+            t_feat = teacher_out.feature(spec.feature, spec.teacher_layer)
+            kwargs = dict(spec.params)
+            if spec.projection:
+                kwargs["projection"] = self.projections[spec.projection]
+            value = loss.fn(s_feat.float(), t_feat.float(), attention_mask=mask, **kwargs)
+            terms[term_name(spec)] = value.detach()
+            weighted = spec.weight * value
+            total = weighted if total is None else total + weighted
+        return total, terms
