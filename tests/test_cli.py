@@ -1,0 +1,40 @@
+import json
+
+from typer.testing import CliRunner
+from transformers import AutoModel
+
+from flows.cli import app
+
+from conftest import tiny_bert
+
+runner = CliRunner()
+
+
+def test_kd_distill_end_to_end_on_real_text(tmp_path, tokenizer, kd_data_dir):
+    teacher_dir = tmp_path / "teacher"
+    tiny_bert(layers=4, hidden=64, heads=4).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    out = tmp_path / "run"
+    args = [
+        "distill", "--teacher", str(teacher_dir), "--data", str(kd_data_dir / "wikipedia_sample" / "AA" / "wiki_02"),
+        "--student-layers", "2", "--student-hidden", "32", "--max-steps", "6", "--batch-size", "4",
+        "--max-seq-length", "32", "--checkpoint-every", "3", "--log-every", "1", "--out", str(out),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    student = AutoModel.from_pretrained(out / "student")
+    assert (student.config.num_hidden_layers, student.config.hidden_size) == (2, 32)
+    assert (out / "student" / "projections.safetensors").is_file()
+    history = json.loads((out / "train_result.json").read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 5, 6]
+    # a re-run finds the finished checkpoint and trains nothing more
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "resumed at 6" in again.output
+
+
+def test_kd_distill_reports_bad_input_clearly(tmp_path):
+    result = runner.invoke(app, ["distill", "--data", str(tmp_path / "missing"), "--teacher", "nope/none", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "HF_HUB_OFFLINE=1 forbids the hub" in " ".join(result.output.split())
+    result = runner.invoke(app, ["distill", "--data", str(tmp_path), "--student-hidden", "4"])
+    assert result.exit_code == 2 and "student.hidden_size" in result.output
