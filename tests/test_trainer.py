@@ -204,3 +204,23 @@ def test_two_process_ddp_matches_single_process(tmp_path):
         assert lb == pytest.approx(la, rel=1e-5, abs=1e-6)
     assert a["losses"][0] != a["losses"][-1]
     assert b["weight_checksum"] == pytest.approx(a["weight_checksum"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_intermediate_loss_falls_with_the_real_teacher(tmp_path, tokenizer, kd_data_dir):
+    """The real minilm-l6 teacher on real Wikipedia: TinyBERT's intermediate loss goes down."""
+    from kd_core.config import DistillConfig
+    from kd_core.data.corpus import iter_documents, pack_token_blocks
+    from kd_core.models.registry import load_model
+    from kd_core.train.distill import build_objective
+
+    teacher = load_model("minilm-l6")
+    cfg = DistillConfig.model_validate({"student": {"num_layers": 2, "hidden_size": 96}})
+    torch.manual_seed(0)
+    student = build_student(teacher, cfg.student)
+    blocks = list(pack_token_blocks(tokenizer, iter_documents(kd_data_dir / "wikipedia_sample" / "AA" / "wiki_03"), 48, 96))
+    train = TrainConfig(max_steps=12, batch_size=8, learning_rate=1e-3, warmup_ratio=0.1, log_every=1)
+    result = DistillTrainer(teacher, student, build_objective(cfg, teacher, student), blocks, train, tmp_path, 0).train()
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.95 * sum(losses[:3]) / 3, losses
