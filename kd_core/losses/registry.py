@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ._common import select_valid_positions
 from .distilbert import cosine_embedding_loss, kl_divergence_loss
+from .hard import hard_cross_entropy, regression_mse
 from .minilm import minilm_attention_kl, minilm_value_relation_kl, minilmv2_relation_kl
 from .tinybert import attention_mse, hidden_mse, soft_cross_entropy
 
@@ -28,11 +29,14 @@ class LossSpec:
 
     ``accepts_projection`` tells the trainer whether a learnable student->teacher
     projection can be passed as ``projection=`` (only width-matching losses).
+    ``uses_labels`` marks ground-truth losses: the trainer passes the batch labels in place
+    of the teacher feature.
     """
 
     name: str
     fn: Callable[..., Tensor]
     accepts_projection: bool = False
+    uses_labels: bool = False
 
     def __call__(
         self,
@@ -81,6 +85,21 @@ def _kl_div(student, teacher, attention_mask=None, *, temperature=1.0):
     return kl_divergence_loss(student, teacher, temperature, attention_mask)
 
 
+def _hard_cross_entropy(student, labels, attention_mask=None):
+    return hard_cross_entropy(student, labels)
+
+
+def _regression_mse(student, labels, attention_mask=None):
+    return regression_mse(student, labels)
+
+
+def _logits_mse(student, teacher, attention_mask=None):
+    # TinyBERT's prediction-layer loss for regression tasks (STS-B): MSE between the outputs.
+    if student.shape != teacher.shape:
+        raise ValueError(f"logits_mse: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
+    return ((student.float() - teacher.float()) ** 2).mean()
+
+
 LOSSES: dict[str, LossSpec] = {
     spec.name: spec
     for spec in (
@@ -92,6 +111,9 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec("minilmv2_relation_kl", _minilmv2_relation_kl),
         LossSpec("cosine", _cosine),
         LossSpec("kl_div", _kl_div),
+        LossSpec("logits_mse", _logits_mse),
+        LossSpec("hard_cross_entropy", _hard_cross_entropy, uses_labels=True),
+        LossSpec("regression_mse", _regression_mse, uses_labels=True),
     )
 }
 

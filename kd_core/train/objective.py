@@ -61,6 +61,8 @@ def _recipe_tinybert_intermediate(mapped: list[int], params: dict) -> list[Match
 
 
 def _recipe_tinybert_prediction(mapped: list[int], params: dict) -> list[MatchSpec]:
+    if params.get("regression"):  # TinyBERT uses MSE between outputs for regression tasks
+        return [MatchSpec(feature="logits", loss="logits_mse")]
     temperature = params.get("temperature", 1.0)
     return [MatchSpec(feature="logits", loss="soft_cross_entropy", params={"temperature": temperature})]
 
@@ -93,6 +95,11 @@ def _recipe_minilmv2(mapped: list[int], params: dict) -> list[MatchSpec]:
     ]
 
 
+def _recipe_finetune(mapped: list[int], params: dict) -> list[MatchSpec]:
+    loss = "regression_mse" if params.get("regression") else "hard_cross_entropy"
+    return [MatchSpec(feature="logits", loss=loss)]
+
+
 def _recipe_distilbert(mapped: list[int], params: dict) -> list[MatchSpec]:
     # DistilBERT: soft targets (KL·T², weight 5) + cosine on the last hidden states (weight 1).
     # Its MLM term needs a teacher MLM head and labels; it lives in the task stages.
@@ -115,6 +122,7 @@ RECIPES = {
     "minilm": _recipe_minilm,
     "minilmv2": _recipe_minilmv2,
     "distilbert": _recipe_distilbert,
+    "finetune": _recipe_finetune,
 }
 
 
@@ -155,7 +163,7 @@ def term_name(spec: MatchSpec) -> str:
 class Objective(nn.Module):
     """Weighted sum of match terms; owns the projections (saved beside the student)."""
 
-    def __init__(self, specs: list[MatchSpec], student: ModelShape, teacher: ModelShape):
+    def __init__(self, specs: list[MatchSpec], student: ModelShape, teacher: ModelShape | None):
         super().__init__()
         if not specs:
             raise MappingError("the objective has no matches")
@@ -167,9 +175,23 @@ class Objective(nn.Module):
             if spec.projection and spec.projection not in self.projections:
                 self.projections[spec.projection] = nn.Linear(student.hidden_size, teacher.hidden_size)
 
+    @property
+    def needs_teacher(self) -> bool:
+        return any(not loss.uses_labels for loss in self.losses)
+
+    @property
+    def needs_labels(self) -> bool:
+        return any(loss.uses_labels for loss in self.losses)
+
     @staticmethod
-    def _validate(spec: MatchSpec, loss, student: ModelShape, teacher: ModelShape) -> None:
+    def _validate(spec: MatchSpec, loss, student: ModelShape, teacher: ModelShape | None) -> None:
         name = term_name(spec)
+        if loss.uses_labels:
+            if spec.feature != "logits":
+                raise MappingError(f"match {name}: {spec.loss} compares logits with the labels; set feature 'logits'")
+            return
+        if teacher is None:
+            raise MappingError(f"match {name}: {spec.loss} needs a teacher, and this objective has none")
         if spec.feature not in ("logits", "embeddings"):
             low = 0 if spec.feature == "hidden" else 1
             for who, layer, shape in (("student", spec.student_layer, student), ("teacher", spec.teacher_layer, teacher)):
@@ -193,17 +215,22 @@ class Objective(nn.Module):
                 f"or use the minilmv2 recipe, whose relation heads need no equal head counts"
             )
 
-    def forward(self, student_out, teacher_out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, student_out, teacher_out, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = student_out.attention_mask
         terms: dict[str, torch.Tensor] = {}
         total = None
         for spec, loss in zip(self.specs, self.losses):
-            s_feat = student_out.feature(spec.feature, spec.student_layer)
-            t_feat = teacher_out.feature(spec.feature, spec.teacher_layer)
+            s_feat = student_out.feature(spec.feature, spec.student_layer).float()
+            if loss.uses_labels:
+                if labels is None:
+                    raise ValueError(f"match {term_name(spec)} needs labels, and the batch has none")
+                target = labels
+            else:
+                target = teacher_out.feature(spec.feature, spec.teacher_layer).float()
             kwargs = dict(spec.params)
             if spec.projection:
                 kwargs["projection"] = self.projections[spec.projection]
-            value = loss.fn(s_feat.float(), t_feat.float(), attention_mask=mask, **kwargs)
+            value = loss.fn(s_feat, target, attention_mask=mask, **kwargs)
             terms[term_name(spec)] = value.detach()
             weighted = spec.weight * value
             total = weighted if total is None else total + weighted

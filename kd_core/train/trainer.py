@@ -70,9 +70,9 @@ class _StudentBundle(nn.Module):
         self.objective = objective
         self._adaptor = ModelAdaptor(student)
 
-    def forward(self, batch: dict[str, torch.Tensor], teacher_out):
+    def forward(self, batch: dict[str, torch.Tensor], teacher_out, labels=None):
         student_out = self._adaptor(**batch)
-        return self.objective(student_out, teacher_out)
+        return self.objective(student_out, teacher_out, labels)
 
 
 def _resolve_precision(requested: str) -> str:
@@ -99,7 +99,7 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class DistillTrainer:
     def __init__(
         self,
-        teacher: nn.Module,
+        teacher: nn.Module | None,
         student: nn.Module,
         objective: Objective,
         examples: Sequence[dict],
@@ -126,10 +126,16 @@ class DistillTrainer:
         acc = self.accelerator
         self.fingerprint = self._fingerprint(objective, fingerprint_extra)
 
-        self.teacher = teacher.to(acc.device).eval()
-        for param in self.teacher.parameters():
-            param.requires_grad_(False)
-        self.teacher_adaptor = ModelAdaptor(self.teacher)
+        if objective.needs_teacher and teacher is None:
+            raise ValueError("the objective compares with a teacher, but no teacher was given")
+        self.teacher = teacher.to(acc.device).eval() if teacher is not None else None
+        self.teacher_adaptor = None
+        if self.teacher is not None:
+            for param in self.teacher.parameters():
+                param.requires_grad_(False)
+            self.teacher_adaptor = ModelAdaptor(self.teacher)
+        if objective.needs_labels and examples and "labels" not in examples[0]:
+            raise ValueError("the objective trains on labels, but the examples have no 'labels' field")
 
         bundle = _StudentBundle(student, objective)
         self.optimizer = torch.optim.AdamW(_param_groups(bundle, config.weight_decay), lr=config.learning_rate)
@@ -284,13 +290,16 @@ class DistillTrainer:
         for index, indices in enumerate(micro_batches):
             batch = pad_batch([self.examples[i] for i in indices], self.pad_token_id)
             inputs = {k: v.to(acc.device) for k, v in _model_inputs(batch).items()}
+            labels = batch["labels"].to(acc.device) if "labels" in batch else None
             last = index == len(micro_batches) - 1
             with acc.autocast():
-                with torch.no_grad():
-                    teacher_out = self.teacher_adaptor(**inputs)
+                teacher_out = None
+                if self.teacher_adaptor is not None:
+                    with torch.no_grad():
+                        teacher_out = self.teacher_adaptor(**inputs)
                 sync = nullcontext() if last or acc.num_processes == 1 else acc.no_sync(self.bundle)
                 with sync:
-                    loss, terms = self.bundle(inputs, teacher_out)
+                    loss, terms = self.bundle(inputs, teacher_out, labels)
                     if not torch.isfinite(loss):
                         detail = ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
                         raise NonFiniteLossError(f"loss is {loss.item()} at step {self.step + 1} ({detail})")
@@ -314,14 +323,20 @@ class DistillTrainer:
         return metrics
 
     # ---- output -----------------------------------------------------------------------------
-    def save_student(self, target: str | Path, tokenizer=None, metadata: dict | None = None) -> Path:
-        """Write a ``save_pretrained`` dir plus ``projections.safetensors`` beside the weights."""
+    def save_student(self, target: str | Path, tokenizer=None, metadata: dict | None = None, atomic: bool = True) -> Path:
+        """Write a ``save_pretrained`` dir plus ``projections.safetensors`` beside the weights.
+
+        ``atomic=False`` writes straight into ``target``, for callers that already write into a
+        staging directory (the artifact store).
+        """
         from safetensors.torch import save_file
 
         target = Path(target)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            with atomic_dir(target, overwrite=True) as tmp:
+            if not atomic:
+                target.mkdir(parents=True, exist_ok=True)
+            with (atomic_dir(target, overwrite=True) if atomic else nullcontext(target)) as tmp:
                 self.student.save_pretrained(tmp)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
