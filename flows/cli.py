@@ -16,6 +16,13 @@ app.add_typer(models_app, name="models")
 console = Console()
 
 
+def _register_command_modules() -> None:
+    from flows.commands import data, pipeline
+
+    for module in (data, pipeline):
+        module.register(app)
+
+
 class _ConsoleLogger:
     """Prints the loss terms every ``every`` steps."""
 
@@ -158,6 +165,4 @@ def version():
     console.print(kd_core.__version__)
 
 
-def main() -> None:  # pragma: no cover
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    app()
+_register_command_modules()

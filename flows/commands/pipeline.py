@@ -1,0 +1,65 @@
+"""`kd run` and `kd stage`: the pipeline from the command line, on an ephemeral Prefect."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def _overrides(pairs: list[str]) -> tuple[dict, list[str] | None]:
+    from kd_core.config import parse_override
+
+    overrides, force = {}, None
+    for pair in pairs:
+        key, value = parse_override(pair)
+        if key == "force":
+            force = value if isinstance(value, list) else [value]
+        else:
+            overrides[key] = value
+    return overrides, force
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run(
+        flow_name: str = typer.Argument(..., help="tinybert-full"),
+        profile: str = typer.Option("smoke", help="smoke | demo | paper | path/to/profile.yaml"),
+        param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="key=value override, e.g. task.train_limit=500 or force='[\"augment\"]'"),
+    ):
+        """Run a pipeline flow in-process (ephemeral Prefect, MLflow on sqlite by default)."""
+        from kd_core.config import ConfigError
+        from flows.registry import get_flow
+
+        try:
+            overrides, force = _overrides(param or [])
+            flow_fn = get_flow(flow_name)
+        except (ConfigError, ValueError) as exc:
+            console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2)
+        result = flow_fn(profile=profile, overrides=overrides, force=force)
+        console.print(f"report: {result['report']}")
+
+    @app.command("stage")
+    def stage(
+        name: str = typer.Argument(..., help="a stage name, e.g. task_distill or evaluate"),
+        profile: str = typer.Option("smoke"),
+        flow_name: str = typer.Option("tinybert-full", "--flow", help="whose stage table to use"),
+        param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="key=value override"),
+    ):
+        """Rerun one stage on the inputs already in the artifact store."""
+        from kd_core.config import ConfigError
+        from flows.profiles import load_profile
+        from flows.single_stage import MissingUpstreamError, expand_stage_name, single_stage
+        from tasks.stages import dag_for
+
+        try:
+            overrides, _ = _overrides(param or [])
+            expand_stage_name(name, list(dag_for(flow_name, load_profile(profile, overrides))))
+            single_stage(stage=name, profile=profile, overrides=overrides, flow_name=flow_name)
+        except (ConfigError, ValueError, MissingUpstreamError) as exc:
+            console.print(f"[bold red]error:[/] {exc}")
+            raise typer.Exit(2)

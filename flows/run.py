@@ -1,0 +1,58 @@
+"""What every pipeline flow does around its stages: profile, parent MLflow run, summary."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+
+from flows.profiles import load_profile
+from kd_core.artifacts import Artifact
+from kd_core.models.registry import kd_home
+from tasks.runtime import RunContext
+from tasks.tracking import flatten, setup_tracking, tracking_uri
+
+
+def _prefect_flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.id
+    return str(run_id) if run_id else None
+
+
+@contextmanager
+def pipeline_run(flow_name: str, profile: str, overrides: dict[str, Any] | None, force: list[str] | None):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-load weight bars would flood the flow-run logs
+    cfg = load_profile(profile, overrides, force)
+    experiment_id = setup_tracking()
+    client = MlflowClient()
+    flow_run_id = _prefect_flow_run_id()
+    tags = {"kd.flow": flow_name, "kd.profile": cfg.profile}
+    if flow_run_id:
+        tags["prefect.flow_run_id"] = flow_run_id
+    parent = client.create_run(experiment_id, run_name=f"{flow_name}:{cfg.profile}", tags=tags)
+    params = [Param(k, v) for k, v in flatten("", cfg.model_dump(mode="json")).items()]
+    for start in range(0, len(params), 100):
+        client.log_batch(parent.info.run_id, params=params[start : start + 100])
+    ctx = RunContext(str(kd_home()), flow_name, parent.info.run_id, flow_run_id, tuple(cfg.force))
+    try:
+        yield ctx, cfg
+    except BaseException:
+        client.set_terminated(parent.info.run_id, "FAILED")
+        raise
+    client.set_terminated(parent.info.run_id, "FINISHED")
+
+
+def summarize(ctx: RunContext, report: Artifact) -> dict:
+    """Attach the report to the parent run and say where to look."""
+    client = MlflowClient()
+    report_md = report.path / "report.md"
+    client.log_artifact(ctx.parent_run_id, str(report_md))
+    text = report_md.read_text()
+    print(text)
+    print(f"MLflow: parent run {ctx.parent_run_id} in {tracking_uri()} (make ui to browse)")
+    return {"report": str(report_md), "mlflow_run_id": ctx.parent_run_id, "report_text": text}

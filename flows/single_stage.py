@@ -1,0 +1,60 @@
+"""Rerun one stage from cached inputs: `kd stage task_distill --profile demo`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.run import pipeline_run
+from kd_core.artifacts import Artifact
+from tasks.runtime import RunContext, stage_key, stage_task
+from tasks.stages import dag_for
+
+
+class MissingUpstreamError(LookupError):
+    pass
+
+
+def resolve_inputs(ctx: RunContext, cfg, name: str) -> list[Artifact]:
+    """The stored artifacts a stage would read, found by recomputing the upstream keys."""
+    dag = dag_for(ctx.flow_name, cfg)
+    flow_name = ctx.flow_name
+    found = []
+    for upstream in dag[name].inputs:
+        inputs = dict(zip(dag[upstream].inputs, resolve_inputs(ctx, cfg, upstream)))
+        key = stage_key(ctx, cfg, upstream, inputs)
+        artifact, problem = ctx.store.lookup(upstream, key)
+        if artifact is None:
+            why = f" ({problem})" if problem else ""
+            raise MissingUpstreamError(
+                f"stage {name} needs {upstream} for this config, and the store has none{why}; run it first: "
+                f"kd run {flow_name} --profile {cfg.profile} (or kd stage {upstream} --profile {cfg.profile})"
+            )
+        found.append(artifact)
+    return found
+
+
+def expand_stage_name(name: str, stages: list[str]) -> list[str]:
+    if name in stages:
+        return [name]
+    steps = [s for s in stages if s.startswith(name + "_")]
+    if not steps:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(stages)}")
+    return steps
+
+
+@flow(name="kd-stage", log_prints=True)
+def single_stage(stage: str, profile: str = "smoke", overrides: dict[str, Any] | None = None, flow_name: str = "tinybert-full") -> list[str]:
+    """Run ``stage`` (both steps for task_distill) of ``flow_name`` on the inputs in the store, forced."""
+    from flows.profiles import load_profile
+
+    names = expand_stage_name(stage, list(dag_for(flow_name, load_profile(profile, overrides))))
+    with pipeline_run(flow_name, profile, overrides, names) as (ctx, cfg):
+        written = []
+        for name in names:
+            inputs = resolve_inputs(ctx, cfg, name)
+            artifact = stage_task(name)(ctx, cfg, *inputs)
+            written.append(str(artifact.path))
+            print(f"{name}: {artifact.path}")
+        return written

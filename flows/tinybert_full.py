@@ -1,0 +1,41 @@
+"""tinybert-full: general distillation, teacher fine-tuning, augmentation, task distillation
+(intermediate then prediction layer), evaluation, benchmark and report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.run import pipeline_run, summarize
+from tasks.augment import augment
+from tasks.benchmark import benchmark
+from tasks.evaluate import evaluate
+from tasks.finetune_teacher import finetune_teacher
+from tasks.general_distill import general_distill
+from tasks.prepare_corpus import prepare_corpus
+from tasks.prepare_task import prepare_task
+from tasks.report import report
+from tasks.task_distill_intermediate import task_distill_intermediate
+from tasks.task_distill_prediction import task_distill_prediction
+
+FLOW_NAME = "tinybert-full"
+
+
+@flow(name=FLOW_NAME, log_prints=True)
+def tinybert_full(profile: str = "smoke", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
+    with pipeline_run(FLOW_NAME, profile, overrides, force) as (ctx, cfg):
+        # Two independent branches run concurrently: corpus -> general distillation, and
+        # task data -> teacher fine-tuning / augmentation.
+        corpus = prepare_corpus.submit(ctx, cfg)
+        task_data = prepare_task.submit(ctx, cfg)
+        general = general_distill.submit(ctx, cfg, corpus)
+        teacher = finetune_teacher.submit(ctx, cfg, task_data)
+        augmented = augment.submit(ctx, cfg, task_data)
+        intermediate = task_distill_intermediate.submit(ctx, cfg, teacher, general, augmented)
+        student = task_distill_prediction.submit(ctx, cfg, teacher, intermediate, augmented)
+        evaluation = evaluate.submit(ctx, cfg, teacher, student, task_data)
+        # Timing waits for evaluation: no other stage competes for the cores while it measures.
+        bench = benchmark.submit(ctx, cfg, teacher, student, wait_for=[evaluation])
+        final = report.submit(ctx, cfg, evaluation, bench)
+        return summarize(ctx, final.result())

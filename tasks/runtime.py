@@ -1,0 +1,106 @@
+"""The one place a stage meets Prefect and MLflow: cache lookup, nested run, artifact write."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+
+from kd_core.artifacts import Artifact, ArtifactStore
+from kd_core.config import PipelineConfig
+from tasks.stages import dag_for, stage_matches
+from tasks.tracking import StepMetricsLogger, flatten, register_model_dir, setup_tracking
+
+SMALL_OUTPUTS = (".json", ".md", ".png", ".parquet")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of one flow run shares. Passed explicitly: MLflow's active run is per thread."""
+
+    kd_home: str
+    flow_name: str
+    parent_run_id: str | None = None
+    flow_run_id: str | None = None
+    force: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(Path(self.kd_home) / "artifacts")
+
+
+def stage_key(ctx: RunContext, cfg: PipelineConfig, name: str, inputs: dict[str, Artifact]) -> str:
+    return ctx.store.stage_key(name, dag_for(ctx.flow_name, cfg)[name].section(cfg), inputs)
+
+
+def run_stage(ctx: RunContext, cfg: PipelineConfig, name: str, *inputs: Artifact):
+    """Return the cached artifact (as a 'Cached' state) or compute, track and store it."""
+    stage = dag_for(ctx.flow_name, cfg)[name]
+    logger = get_run_logger()
+    input_map = dict(zip(stage.inputs, inputs))
+    section = stage.section(cfg)
+    store = ctx.store
+    key = store.stage_key(name, section, input_map)
+    if not stage_matches(list(ctx.force), name):
+        artifact, problem = store.lookup(name, key)
+        if problem:
+            logger.warning("%s: recomputing, %s", name, problem)
+        if artifact is not None:
+            logger.info("%s: cached %s", name, artifact.path)
+            return Completed(data=artifact, name="Cached", message=f"{name} cached at {artifact.path}")
+
+    experiment_id = setup_tracking()
+    client = MlflowClient()
+    tags = {"kd.stage": name, "kd.key": key, "kd.flow": ctx.flow_name, "kd.profile": cfg.profile}
+    if ctx.parent_run_id:
+        tags["mlflow.parentRunId"] = ctx.parent_run_id
+    if ctx.flow_run_id:
+        tags["prefect.flow_run_id"] = ctx.flow_run_id
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    run_id = run.info.run_id
+    try:
+        params = [Param(k, v) for k, v in flatten("", section).items()]
+        for start in range(0, len(params), 100):
+            client.log_batch(run_id, params=params[start : start + 100])
+        step_logger = StepMetricsLogger(run_id)
+        artifact = store.write(
+            name,
+            key,
+            lambda out: stage.run(cfg, *[a.path for a in inputs], out, store.work_dir(name, key), [step_logger]),
+            config=section,
+            inputs=input_map,
+            extra={"prefect_flow_run_id": ctx.flow_run_id, "mlflow_run_id": run_id},
+        )
+        step_logger.flush()
+        result = artifact.manifest.get("result", {})
+        numbers = [Metric(k, float(v), 0, 0) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if numbers:
+            client.log_batch(run_id, metrics=numbers)
+        for path in sorted(artifact.path.iterdir()):
+            if path.is_file() and path.suffix in SMALL_OUTPUTS:
+                client.log_artifact(run_id, str(path))
+        if stage.register_as:
+            registry_name = f"{ctx.flow_name}-{cfg.task.name}-{stage.register_as}"
+            version = register_model_dir(run_id, artifact.path / "model", registry_name)
+            logger.info("%s: registered %s version %s", name, registry_name, version)
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    logger.info("%s: wrote %s", name, artifact.path)
+    return artifact
+
+
+def stage_task(name: str):
+    """A Prefect task for one stage. Prefect's own cache is off: the artifact store decides."""
+
+    def run(ctx: RunContext, cfg: PipelineConfig, *inputs: Artifact):
+        return run_stage(ctx, cfg, name, *inputs)
+
+    run.__name__ = name
+    return task(name=name, cache_policy=NO_CACHE, persist_result=False)(run)

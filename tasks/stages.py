@@ -1,0 +1,191 @@
+"""The stage tables: per flow, each stage's hashed config, its inputs and the kd_core call.
+
+Flows compose the @task wrappers in the per-stage modules; `kd stage` walks these tables to
+find a stage's inputs in the store without running anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from kd_core import stages as core
+from kd_core.config import PipelineConfig
+
+
+def source_fingerprint(path: Path) -> str:
+    """Names and sizes of raw input files: cheap, and it changes when the data does."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(f"{file.relative_to(path.parent)}:{file.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _task_folder(cfg: PipelineConfig) -> Path:
+    from kd_core.data.tasks import get_task
+
+    return core.data_root(cfg) / get_task(cfg.task.name).folder
+
+
+@dataclass(frozen=True)
+class StageDef:
+    name: str
+    inputs: tuple[str, ...]  # upstream stage names, in the order run() takes them
+    section: Callable[[PipelineConfig], dict]
+    run: Callable[..., dict]  # run(cfg, *input_dirs, out, work, callbacks)
+    register_as: str | None = None  # registry name suffix, e.g. "student"
+
+
+def _dump(model) -> dict:
+    return model.model_dump(mode="json")
+
+
+def _models_section(c: PipelineConfig) -> dict:
+    return {"teacher": c.teacher, "student": _dump(c.student)}
+
+
+PREPARE_CORPUS = StageDef(
+    "prepare_corpus",
+    (),
+    lambda c: {"teacher": c.teacher, "corpus": _dump(c.corpus),
+               "source": source_fingerprint(core._under(core.data_root(c), c.corpus.path))},
+    lambda c, out, work, cb: core.prepare_corpus(c, out),
+)
+PREPARE_TASK = StageDef(
+    "prepare_task",
+    (),
+    lambda c: {"task": _dump(c.task), "source": source_fingerprint(_task_folder(c))},
+    lambda c, out, work, cb: core.prepare_task(c, out),
+)
+FINETUNE_TEACHER = StageDef(
+    "finetune_teacher",
+    ("prepare_task",),
+    lambda c: {"teacher": c.teacher, "task": c.task.name, "max_seq_length": c.task.max_seq_length,
+               "finetune_teacher": _dump(c.finetune_teacher)},
+    lambda c, task, out, work, cb: core.finetune_teacher(c, task, out, work, cb),
+    register_as="teacher",
+)
+
+
+def _evaluation_stages(student_stage: str) -> list[StageDef]:
+    """evaluate, benchmark and report of the fine-tuned teacher against ``student_stage``."""
+    return [
+        StageDef(
+            "evaluate",
+            ("finetune_teacher", student_stage, "prepare_task"),
+            lambda c: {"task": _dump(c.task)},
+            lambda c, teacher, student, task, out, work, cb: core.evaluate(
+                c, {"teacher": teacher, "student": student}, task, out),
+        ),
+        StageDef(
+            "benchmark",
+            ("finetune_teacher", student_stage),
+            lambda c: {"benchmark": _dump(c.benchmark)},
+            lambda c, teacher, student, out, work, cb: core.benchmark(c, {"teacher": teacher, "student": student}, out),
+        ),
+        StageDef(
+            "report",
+            ("evaluate", "benchmark"),
+            lambda c: {"profile": c.profile, "task": c.task.name},
+            lambda c, evaluation, bench, out, work, cb: core.report(c, evaluation, bench, out),
+        ),
+    ]
+
+
+def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:
+    task_distill_section = lambda c: {"task": c.task.name, "max_seq_length": c.task.max_seq_length,  # noqa: E731
+                                      "task_distill": _dump(c.task_distill)}
+    return [
+        PREPARE_CORPUS,
+        StageDef(
+            "general_distill",
+            ("prepare_corpus",),
+            lambda c: {**_models_section(c), "general_distill": _dump(c.general_distill)},
+            lambda c, corpus, out, work, cb: core.general_distill(c, corpus, out, work, cb),
+            register_as="general-student",
+        ),
+        PREPARE_TASK,
+        FINETUNE_TEACHER,
+        StageDef(
+            "augment",
+            ("prepare_task",),
+            lambda c: {"teacher": c.teacher, "augment": _dump(c.augment)},
+            lambda c, task, out, work, cb: core.augment(c, task, out),
+        ),
+        StageDef(
+            "task_distill_intermediate",
+            ("finetune_teacher", "general_distill", "augment"),
+            task_distill_section,
+            lambda c, teacher, student, data, out, work, cb: core.task_distill(
+                c, "intermediate", teacher, student, data, out, work, cb),
+        ),
+        StageDef(
+            "task_distill_prediction",
+            ("finetune_teacher", "task_distill_intermediate", "augment"),
+            task_distill_section,
+            lambda c, teacher, student, data, out, work, cb: core.task_distill(
+                c, "prediction", teacher, student, data, out, work, cb),
+            register_as="student",
+        ),
+        *_evaluation_stages("task_distill_prediction"),
+    ]
+
+
+def minilm_dag(cfg: PipelineConfig) -> list[StageDef]:
+    """MiniLM: general distillation (through a teacher assistant when the student is small),
+    then the student is fine-tuned on the task, as in the MiniLM paper."""
+    section = lambda c: {**_models_section(c), "minilm": _dump(c.minilm)}  # noqa: E731
+    stages = [PREPARE_CORPUS]
+    if core.assistant_config(cfg) is not None:
+        stages.append(StageDef(
+            "assistant_distill",
+            ("prepare_corpus",),
+            section,
+            lambda c, corpus, out, work, cb: core.assistant_distill(c, corpus, out, work, cb),
+            register_as="assistant",
+        ))
+        stages.append(StageDef(
+            "minilm_distill",
+            ("prepare_corpus", "assistant_distill"),
+            section,
+            lambda c, corpus, assistant, out, work, cb: core.minilm_distill(c, corpus, out, work, cb, assistant),
+            register_as="general-student",
+        ))
+    else:
+        stages.append(StageDef(
+            "minilm_distill",
+            ("prepare_corpus",),
+            section,
+            lambda c, corpus, out, work, cb: core.minilm_distill(c, corpus, out, work, cb),
+            register_as="general-student",
+        ))
+    return stages + [
+        PREPARE_TASK,
+        FINETUNE_TEACHER,
+        StageDef(
+            "finetune_student",
+            ("minilm_distill", "prepare_task"),
+            lambda c: {"task": c.task.name, "max_seq_length": c.task.max_seq_length,
+                       "finetune_student": _dump(c.finetune_student)},
+            lambda c, student, task, out, work, cb: core.finetune_student(c, student, task, out, work, cb),
+            register_as="student",
+        ),
+        *_evaluation_stages("finetune_student"),
+    ]
+
+
+DAGS = {"tinybert-full": tinybert_dag, "minilm": minilm_dag}
+
+
+def dag_for(flow_name: str, cfg: PipelineConfig) -> dict[str, StageDef]:
+    if flow_name not in DAGS:
+        raise ValueError(f"unknown flow {flow_name!r}; flows with stages: {', '.join(DAGS)}")
+    return {stage.name: stage for stage in DAGS[flow_name](cfg)}
+
+
+def stage_matches(force: list[str], name: str) -> bool:
+    """``force=["task_distill"]`` covers both task_distill steps."""
+    return any(name == f or name.startswith(f + "_") for f in force)

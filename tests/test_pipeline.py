@@ -1,0 +1,150 @@
+"""The tinybert-full flow on the smoke profile, in a temp KD_HOME, with a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+STAGE_NAMES = [
+    "prepare_corpus", "general_distill", "prepare_task", "finetune_teacher", "augment",
+    "task_distill_intermediate", "task_distill_prediction", "evaluate", "benchmark", "report",
+]
+
+
+@pytest.fixture(scope="module")
+def kd_home(tmp_path_factory, kd_data_dir):
+    home = tmp_path_factory.mktemp("kd_home")
+    saved = {k: os.environ.get(k) for k in ("KD_HOME", "KD_DATA_DIR", "MLFLOW_TRACKING_URI")}
+    os.environ["KD_HOME"] = str(home)
+    os.environ["KD_DATA_DIR"] = str(kd_data_dir)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def run_flow(**kwargs):
+    from flows.tinybert_full import tinybert_full
+
+    started = time.perf_counter()
+    state = tinybert_full(profile="smoke", return_state=True, **kwargs)
+    elapsed = time.perf_counter() - started
+    assert state.is_completed(), state
+    return state.result(), elapsed, str(state.state_details.flow_run_id)
+
+
+def stage_states(flow_run_id: str) -> dict[str, str]:
+    """Task-run state names of a flow run, from Prefect's own records."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def fetch():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+    return asyncio.run(fetch())
+
+
+def artifacts(home: Path, stage: str) -> list[Path]:
+    root = home / "artifacts" / stage
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def first_run(kd_home):
+    result, elapsed, _ = run_flow()
+    return result, elapsed
+
+
+def test_full_smoke_run_writes_every_stage(first_run, kd_home):
+    result, elapsed = first_run
+    for stage in STAGE_NAMES:
+        found = artifacts(kd_home, stage)
+        assert len(found) == 1, stage
+        manifest = json.loads((found[0] / "manifest.json").read_text())
+        assert manifest["stage"] == stage and manifest["digest"]
+    report = Path(result["report"]).read_text()
+    assert "| teacher |" in report and "| student |" in report
+    student_dir = artifacts(kd_home, "task_distill_prediction")[0] / "model"
+    from transformers import AutoModelForSequenceClassification
+
+    student = AutoModelForSequenceClassification.from_pretrained(student_dir)
+    assert student.config.num_hidden_layers == 2 and student.config.num_labels == 2
+    # evaluation really scored the dev rows: accuracy is a multiple of 1/128
+    metrics = pd.read_parquet(artifacts(kd_home, "evaluate")[0] / "metrics.parquet").set_index("model")
+    assert metrics.loc["teacher", "rows"] == 128
+    assert abs(metrics.loc["teacher", "accuracy"] * 128 / 100 - round(metrics.loc["teacher", "accuracy"] * 128 / 100)) < 1e-6
+
+
+def test_rerun_is_all_cached_and_fast(first_run, kd_home):
+    _, first_elapsed = first_run
+    _, elapsed, flow_run_id = run_flow()
+    assert elapsed * 10 < first_elapsed, (elapsed, first_elapsed)
+    assert stage_states(flow_run_id) == {stage: "Cached" for stage in STAGE_NAMES}
+    for stage in STAGE_NAMES:
+        assert len(artifacts(kd_home, stage)) == 1, stage
+
+
+def test_force_reruns_exactly_that_stage(first_run, kd_home):
+    before = {s: [p.stat().st_mtime_ns for p in artifacts(kd_home, s)] for s in STAGE_NAMES}
+    run_flow(force=["evaluate"])
+    after = {s: [p.stat().st_mtime_ns for p in artifacts(kd_home, s)] for s in STAGE_NAMES}
+    changed = {s for s in STAGE_NAMES if before[s] != after[s]}
+    assert changed == {"evaluate"}  # same inputs give the same metrics, so report stays cached
+
+
+def test_deleted_artifact_is_recomputed(first_run, kd_home):
+    (victim,) = artifacts(kd_home, "augment")
+    digest = json.loads((victim / "manifest.json").read_text())["digest"]
+    shutil.rmtree(victim)
+    run_flow()
+    (again,) = artifacts(kd_home, "augment")
+    assert json.loads((again / "manifest.json").read_text())["digest"] == digest  # deterministic
+
+
+def test_edited_artifact_is_detected_and_recomputed(first_run, kd_home):
+    (victim,) = artifacts(kd_home, "prepare_task")
+    rows = victim / "train.parquet"
+    frame = pd.read_parquet(rows)
+    frame.loc[0, "text_a"] = "tampered " + frame.loc[0, "text_a"]
+    frame.to_parquet(rows, index=False)
+    run_flow()
+    quarantined = list((kd_home / "artifacts" / ".corrupt").glob("prepare_task-*"))
+    assert quarantined, "the edited artifact was not detected"
+    (again,) = artifacts(kd_home, "prepare_task")
+    assert "tampered" not in pd.read_parquet(again / "train.parquet").loc[0, "text_a"]
+
+
+def test_mlflow_holds_parent_nested_runs_and_registered_models(first_run, kd_home):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{kd_home / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("kd-pipeline")
+    runs = client.search_runs([experiment.experiment_id], max_results=500)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("kd.flow") == "tinybert-full"]
+    first_parent = min(parents, key=lambda r: r.info.start_time)
+    assert first_parent.data.tags.get("prefect.flow_run_id")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first_parent.info.run_id]
+    assert {r.data.tags["kd.stage"] for r in children} == set(STAGE_NAMES)
+    general = next(r for r in children if r.data.tags["kd.stage"] == "general_distill")
+    history = client.get_metric_history(general.info.run_id, "loss")
+    assert [m.step for m in history] == list(range(1, 9))
+    assert any(k.startswith("loss/attention_scores") for k in general.data.metrics)
+    evaluation = next(r for r in children if r.data.tags["kd.stage"] == "evaluate")
+    assert "student_score" in evaluation.data.metrics
+    version = client.get_latest_versions("tinybert-full-sst2-student")[0]
+    assert version.run_id == next(r for r in children if r.data.tags["kd.stage"] == "task_distill_prediction").info.run_id
