@@ -11,6 +11,7 @@ from importlib import import_module
 
 FLOWS: dict[str, tuple[str, str]] = {
     "tinybert-full": ("flows.tinybert_full", "tinybert_full"),
+    "minilm": ("flows.minilm", "minilm"),
 }
 
 # Flow names, in order (serve.py, prefect.yaml and the tests use these).

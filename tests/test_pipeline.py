@@ -148,3 +148,51 @@ def test_mlflow_holds_parent_nested_runs_and_registered_models(first_run, kd_hom
     assert "student_score" in evaluation.data.metrics
     version = client.get_latest_versions("tinybert-full-sst2-student")[0]
     assert version.run_id == next(r for r in children if r.data.tags["kd.stage"] == "task_distill_prediction").info.run_id
+
+
+def test_changing_one_section_reruns_that_stage_and_its_descendants_only(first_run, kd_home):
+    before = {s: set(artifacts(kd_home, s)) for s in STAGE_NAMES}
+    run_flow(overrides={"augment.n_aug": 1})
+    rerun = {s for s in STAGE_NAMES if set(artifacts(kd_home, s)) != before[s]}
+    assert rerun == {"augment", "task_distill_intermediate", "task_distill_prediction", "evaluate", "benchmark", "report"}
+
+
+def test_minilm_flow_distils_through_an_assistant_when_the_student_is_small(first_run, kd_home):
+    from transformers import AutoConfig
+
+    from flows.minilm import minilm
+
+    state = minilm(profile="smoke", return_state=True)
+    assert state.is_completed(), state
+    (assistant,) = artifacts(kd_home, "assistant_distill")
+    config = AutoConfig.from_pretrained(assistant / "model")
+    # smoke teacher is 4x64, student 2x32: the assistant takes the teacher's depth, the student's width
+    assert (config.num_hidden_layers, config.hidden_size) == (4, 32)
+    (student,) = artifacts(kd_home, "minilm_distill")
+    manifest = json.loads((student / "manifest.json").read_text())
+    assert manifest["inputs"]["assistant_distill"]["digest"] == json.loads((assistant / "manifest.json").read_text())["digest"]
+    # the teacher's task data and fine-tuning were reused from the tinybert-full runs
+    assert len(artifacts(kd_home, "finetune_teacher")) == 1
+
+
+def test_kd_stage_reruns_one_stage_or_names_the_missing_upstream(first_run, kd_home, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    runner = CliRunner()
+    before = {s: [p.stat().st_mtime_ns for p in artifacts(kd_home, s)] for s in STAGE_NAMES}
+    result = runner.invoke(app, ["stage", "benchmark", "--profile", "smoke"])
+    assert result.exit_code == 0, result.output
+    after = {s: [p.stat().st_mtime_ns for p in artifacts(kd_home, s)] for s in STAGE_NAMES}
+    assert {s for s in STAGE_NAMES if before[s] != after[s]} == {"benchmark"}
+
+    os.environ["KD_HOME"] = str(tmp_path)
+    try:
+        result = runner.invoke(app, ["stage", "task_distill", "--profile", "smoke"])
+    finally:
+        os.environ["KD_HOME"] = str(kd_home)
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    # the deepest missing stage is named: the first one to run
+    assert "needs prepare_task" in text and "run it first" in text
