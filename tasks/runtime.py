@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +20,11 @@ from tasks.stages import dag_for, stage_matches
 from tasks.tracking import StepMetricsLogger, flatten, register_model_dir, setup_tracking
 
 SMALL_OUTPUTS = (".json", ".md", ".png", ".parquet")
+
+# Concurrent branches still overlap data work, but training stages share the device: two
+# trainings on 2 CPU cores each start their own thread team and both run at half speed or worse.
+# KD_TRAINING_SLOTS raises the limit (say, one per GPU of a multi-GPU worker).
+_TRAINING_SLOTS = threading.BoundedSemaphore(max(1, int(os.environ.get("KD_TRAINING_SLOTS", "1"))))
 
 
 @dataclass(frozen=True)
@@ -68,14 +76,15 @@ def run_stage(ctx: RunContext, cfg: PipelineConfig, name: str, *inputs: Artifact
         for start in range(0, len(params), 100):
             client.log_batch(run_id, params=params[start : start + 100])
         step_logger = StepMetricsLogger(run_id)
-        artifact = store.write(
-            name,
-            key,
-            lambda out: stage.run(cfg, *[a.path for a in inputs], out, store.work_dir(name, key), [step_logger]),
-            config=section,
-            inputs=input_map,
-            extra={"prefect_flow_run_id": ctx.flow_run_id, "mlflow_run_id": run_id},
-        )
+        with _TRAINING_SLOTS if stage.trains else nullcontext():
+            artifact = store.write(
+                name,
+                key,
+                lambda out: stage.run(cfg, *[a.path for a in inputs], out, store.work_dir(name, key), [step_logger]),
+                config=section,
+                inputs=input_map,
+                extra={"prefect_flow_run_id": ctx.flow_run_id, "mlflow_run_id": run_id},
+            )
         step_logger.flush()
         result = artifact.manifest.get("result", {})
         numbers = [Metric(k, float(v), 0, 0) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]

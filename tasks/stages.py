@@ -37,6 +37,7 @@ class StageDef:
     section: Callable[[PipelineConfig], dict]
     run: Callable[..., dict]  # run(cfg, *input_dirs, out, work, callbacks)
     register_as: str | None = None  # registry name suffix, e.g. "student"
+    trains: bool = False  # takes a training slot (see tasks.runtime.training_slot)
 
 
 def _dump(model) -> dict:
@@ -67,6 +68,7 @@ FINETUNE_TEACHER = StageDef(
                "finetune_teacher": _dump(c.finetune_teacher)},
     lambda c, task, out, work, cb: core.finetune_teacher(c, task, out, work, cb),
     register_as="teacher",
+    trains=True,
 )
 
 
@@ -106,6 +108,7 @@ def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:
             lambda c: {**_models_section(c), "general_distill": _dump(c.general_distill)},
             lambda c, corpus, out, work, cb: core.general_distill(c, corpus, out, work, cb),
             register_as="general-student",
+            trains=True,
         ),
         PREPARE_TASK,
         FINETUNE_TEACHER,
@@ -121,6 +124,7 @@ def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:
             task_distill_section,
             lambda c, teacher, student, data, out, work, cb: core.task_distill(
                 c, "intermediate", teacher, student, data, out, work, cb),
+            trains=True,
         ),
         StageDef(
             "task_distill_prediction",
@@ -129,6 +133,7 @@ def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:
             lambda c, teacher, student, data, out, work, cb: core.task_distill(
                 c, "prediction", teacher, student, data, out, work, cb),
             register_as="student",
+            trains=True,
         ),
         *_evaluation_stages("task_distill_prediction"),
     ]
@@ -146,6 +151,7 @@ def minilm_dag(cfg: PipelineConfig) -> list[StageDef]:
             section,
             lambda c, corpus, out, work, cb: core.assistant_distill(c, corpus, out, work, cb),
             register_as="assistant",
+            trains=True,
         ))
         stages.append(StageDef(
             "minilm_distill",
@@ -153,6 +159,7 @@ def minilm_dag(cfg: PipelineConfig) -> list[StageDef]:
             section,
             lambda c, corpus, assistant, out, work, cb: core.minilm_distill(c, corpus, out, work, cb, assistant),
             register_as="general-student",
+            trains=True,
         ))
     else:
         stages.append(StageDef(
@@ -161,6 +168,7 @@ def minilm_dag(cfg: PipelineConfig) -> list[StageDef]:
             section,
             lambda c, corpus, out, work, cb: core.minilm_distill(c, corpus, out, work, cb),
             register_as="general-student",
+            trains=True,
         ))
     return stages + [
         PREPARE_TASK,
@@ -172,6 +180,7 @@ def minilm_dag(cfg: PipelineConfig) -> list[StageDef]:
                        "finetune_student": _dump(c.finetune_student)},
             lambda c, student, task, out, work, cb: core.finetune_student(c, student, task, out, work, cb),
             register_as="student",
+            trains=True,
         ),
         *_evaluation_stages("finetune_student"),
     ]
