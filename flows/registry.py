@@ -12,6 +12,7 @@ from importlib import import_module
 FLOWS: dict[str, tuple[str, str]] = {
     "tinybert-full": ("flows.tinybert_full", "tinybert_full"),
     "minilm": ("flows.minilm", "minilm"),
+    "meta-kd": ("flows.meta_kd", "meta_kd"),
 }
 
 # Flow names, in order (serve.py, prefect.yaml and the tests use these).

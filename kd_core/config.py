@@ -227,6 +227,12 @@ class TaskDistillSection(StrictModel):
     skip_intermediate: bool = False
 
 
+class MetaKDSection(StrictModel):
+    """Meta-KD across domains (Pan et al., 2021); each domain is the task ``amazon-<domain>``."""
+
+    domains: list[str] = Field(default_factory=lambda: ["books", "dvd", "electronics", "kitchen"], min_length=2)
+
+
 class BenchmarkSection(StrictModel):
     batch_size: int = Field(32, ge=1)
     seq_len: int = Field(128, ge=8)
@@ -251,8 +257,14 @@ class PipelineConfig(StrictModel):
     )
     augment: AugmentSection = Field(default_factory=AugmentSection)
     task_distill: TaskDistillSection = Field(default_factory=TaskDistillSection)
+    meta_kd: MetaKDSection = Field(default_factory=MetaKDSection)
     benchmark: BenchmarkSection = Field(default_factory=BenchmarkSection)
     force: list[str] = Field(default_factory=list, description="stages to rerun even when cached")
+
+
+def for_task(cfg: PipelineConfig, task: str) -> PipelineConfig:
+    """The same config pointed at another task (one domain of a multi-domain flow)."""
+    return cfg.model_copy(update={"task": cfg.task.model_copy(update={"name": task})})
 
 
 def parse_override(text: str) -> tuple[str, Any]:

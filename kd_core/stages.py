@@ -395,3 +395,18 @@ def report(cfg: PipelineConfig, eval_dir: Path, bench_dir: Path, out: Path, refe
     (out / "report.md").write_text("\n".join(lines) + "\n")
     pd.DataFrame(rows).to_parquet(out / "summary.parquet", index=False)
     return {f"{r['model']}_retention": round(float(r["retention"]), 2) for r in rows}
+
+
+def domain_report(cfg: PipelineConfig, evaluations: dict[str, Path], out: Path) -> dict:
+    """One row per domain and model: score on that domain's dev split."""
+    frames = []
+    for domain, eval_dir in evaluations.items():
+        frame = pd.read_parquet(eval_dir / "metrics.parquet")
+        frame.insert(0, "domain", domain)
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    table.to_parquet(out / "domains.parquet", index=False)
+    lines = [f"# {cfg.profile}: per-domain scores ({cfg.task.eval_split})", "", "| domain | model | rows | score |", "|---|---|---|---|"]
+    lines += [f"| {r.domain} | {r.model} | {int(r.rows)} | {r.score:.2f} |" for r in table.itertuples()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return {f"{r.domain}_{r.model}_score": round(float(r.score), 4) for r in table.itertuples()}

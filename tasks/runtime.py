@@ -94,7 +94,7 @@ def run_stage(ctx: RunContext, cfg: PipelineConfig, name: str, *inputs: Artifact
             if path.is_file() and path.suffix in SMALL_OUTPUTS:
                 client.log_artifact(run_id, str(path))
         if stage.register_as:
-            registry_name = f"{ctx.flow_name}-{cfg.task.name}-{stage.register_as}"
+            registry_name = stage.registry_name(ctx.flow_name, cfg)
             version = register_model_dir(run_id, artifact.path / "model", registry_name)
             logger.info("%s: registered %s version %s", name, registry_name, version)
         client.set_terminated(run_id, "FINISHED")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from kd_core import stages as core
-from kd_core.config import PipelineConfig
+from kd_core.config import PipelineConfig, for_task
 
 
 def source_fingerprint(path: Path) -> str:
@@ -37,7 +37,11 @@ class StageDef:
     section: Callable[[PipelineConfig], dict]
     run: Callable[..., dict]  # run(cfg, *input_dirs, out, work, callbacks)
     register_as: str | None = None  # registry name suffix, e.g. "student"
-    trains: bool = False  # takes a training slot (see tasks.runtime.training_slot)
+    trains: bool = False  # takes a training slot (see tasks.runtime)
+    task_of: Callable[[PipelineConfig], str] = lambda c: c.task.name  # names registered models
+
+    def registry_name(self, flow_name: str, cfg: PipelineConfig) -> str:
+        return f"{flow_name}-{self.task_of(cfg)}-{self.register_as}"
 
 
 def _dump(model) -> dict:
@@ -186,7 +190,52 @@ def minilm_dag(cfg: PipelineConfig) -> list[StageDef]:
     ]
 
 
-DAGS = {"tinybert-full": tinybert_dag, "minilm": minilm_dag}
+def _for_domain(stage: StageDef, domain: str, inputs: tuple[str, ...]) -> StageDef:
+    """``stage`` run on the task ``amazon-<domain>``, as node ``<stage>@<domain>``."""
+    task = f"amazon-{domain}"
+    return StageDef(
+        f"{stage.name}@{domain}",
+        inputs,
+        lambda c: stage.section(for_task(c, task)),
+        lambda c, *args: stage.run(for_task(c, task), *args),
+        register_as=stage.register_as,
+        trains=stage.trains,
+        task_of=lambda c: task,
+    )
+
+
+def _domain_report(c: PipelineConfig, *args):
+    *evaluations, out, _work, _callbacks = args
+    return core.domain_report(c, dict(zip(c.meta_kd.domains, evaluations)), out)
+
+
+def metakd_dag(cfg: PipelineConfig) -> list[StageDef]:
+    """The Meta-KD flow's per-domain part: each domain's data, its single-domain teacher and
+    that teacher's dev score. The meta-teacher and meta-distillation stages join here."""
+    evaluate_teacher = StageDef(
+        "evaluate",
+        ("finetune_teacher", "prepare_task"),
+        lambda c: {"task": _dump(c.task)},
+        lambda c, teacher, task, out, work, cb: core.evaluate(c, {"teacher": teacher}, task, out),
+    )
+    stages = []
+    for domain in cfg.meta_kd.domains:
+        stages += [
+            _for_domain(PREPARE_TASK, domain, ()),
+            _for_domain(FINETUNE_TEACHER, domain, (f"prepare_task@{domain}",)),
+            _for_domain(evaluate_teacher, domain, (f"finetune_teacher@{domain}", f"prepare_task@{domain}")),
+        ]
+    evaluations = tuple(f"evaluate@{d}" for d in cfg.meta_kd.domains)
+    stages.append(StageDef(
+        "report",
+        evaluations,
+        lambda c: {"profile": c.profile, "domains": list(c.meta_kd.domains)},
+        _domain_report,
+    ))
+    return stages
+
+
+DAGS = {"tinybert-full": tinybert_dag, "minilm": minilm_dag, "meta-kd": metakd_dag}
 
 
 def dag_for(flow_name: str, cfg: PipelineConfig) -> dict[str, StageDef]:

@@ -196,3 +196,21 @@ def test_kd_stage_reruns_one_stage_or_names_the_missing_upstream(first_run, kd_h
     text = " ".join(result.output.split())
     # the deepest missing stage is named: the first one to run
     assert "needs prepare_task" in text and "run it first" in text
+
+
+def test_meta_kd_flow_runs_each_domain(kd_home):
+    from mlflow.tracking import MlflowClient
+
+    from flows.meta_kd import meta_kd
+
+    state = meta_kd(profile="smoke", return_state=True)
+    assert state.is_completed(), state
+    for domain in ("books", "dvd"):
+        (data,) = artifacts(kd_home, f"prepare_task@{domain}")
+        assert len(pd.read_parquet(data / "train.parquet")) == 128  # smoke's train_limit, from 1,700
+        assert len(artifacts(kd_home, f"finetune_teacher@{domain}")) == 1
+    (report,) = [p for p in artifacts(kd_home, "report") if (p / "domains.parquet").is_file()]
+    table = pd.read_parquet(report / "domains.parquet")
+    assert sorted(table["domain"]) == ["books", "dvd"] and set(table["model"]) == {"teacher"}
+    client = MlflowClient(f"sqlite:///{kd_home / 'mlflow.db'}")
+    assert client.get_latest_versions("meta-kd-amazon-books-teacher")
