@@ -22,6 +22,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# Import every module both halves use now: editing the tree during a 25-minute run must not mix
+# code versions between the halves.
+import flows.tinybert_full  # noqa: E402,F401
+import kd_core.augment  # noqa: E402,F401
+import kd_core.data.corpus  # noqa: E402,F401
+import kd_core.data.loaders  # noqa: E402,F401
+import kd_core.data.tasks  # noqa: E402,F401
+import kd_core.evaluate.glue  # noqa: E402,F401
+import kd_core.stages  # noqa: E402,F401
+import tasks.stages  # noqa: E402,F401
+
 
 def run_direct(profile: str) -> tuple[float, dict[str, float]]:
     from flows.profiles import load_profile

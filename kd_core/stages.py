@@ -57,9 +57,10 @@ def _history_frame(result: TrainResult) -> pd.DataFrame:
     return pd.DataFrame(result.history)
 
 
-def _train_summary(result: TrainResult) -> dict:
+def _train_summary(result: TrainResult, world_size: int) -> dict:
     return {
         "steps": result.steps,
+        "world_size": world_size,
         "resumed_from": result.resumed_from,
         "sequences_per_second": round(result.sequences_per_second, 3),
         "train_seconds": round(result.train_seconds, 3),
@@ -69,9 +70,10 @@ def _train_summary(result: TrainResult) -> dict:
 
 
 def _finish_training(trainer: DistillTrainer, result: TrainResult, tokenizer, out: Path) -> dict:
-    trainer.save_student(out / MODEL_SUBDIR, tokenizer, atomic=False)
-    _history_frame(result).to_parquet(out / "history.parquet", index=False)
-    return _train_summary(result)
+    trainer.save_student(out / MODEL_SUBDIR, tokenizer, atomic=False)  # rank 0 writes, all wait
+    if trainer.accelerator.is_main_process:
+        _history_frame(result).to_parquet(out / "history.parquet", index=False)
+    return _train_summary(result, trainer.accelerator.num_processes)
 
 
 # ---- corpus and general distillation ------------------------------------------------------------

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import subprocess
+import sys
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -42,8 +46,52 @@ class RunContext:
         return ArtifactStore(Path(self.kd_home) / "artifacts")
 
 
+def stage_processes() -> int:
+    """Processes per training stage (KD_STAGE_PROCESSES, e.g. the worker's GPU count)."""
+    return max(1, int(os.environ.get("KD_STAGE_PROCESSES", "1")))
+
+
+def stage_section(stage, cfg: PipelineConfig) -> dict:
+    section = stage.section(cfg)
+    if stage.trains and stage_processes() > 1:
+        # DDP multiplies the global batch by the process count: a different result, a different key
+        section = {**section, "processes": stage_processes()}
+    return section
+
+
 def stage_key(ctx: RunContext, cfg: PipelineConfig, name: str, inputs: dict[str, Artifact]) -> str:
-    return ctx.store.stage_key(name, dag_for(ctx.flow_name, cfg)[name].section(cfg), inputs)
+    return ctx.store.stage_key(name, stage_section(dag_for(ctx.flow_name, cfg)[name], cfg), inputs)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_distributed(ctx: RunContext, cfg: PipelineConfig, name: str, inputs, out: Path, work: Path, run_id: str) -> dict:
+    """Run a training stage under torchrun with stage_processes() ranks; return rank 0's result."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "flow": ctx.flow_name,
+        "stage": name,
+        "config": cfg.model_dump(mode="json"),
+        "inputs": [str(a.path) for a in inputs],
+        "out": str(out),
+        "work": str(work),
+        "result": str(work / "launch-result.json"),
+        "mlflow_run_id": run_id,
+    }
+    spec_path = work / "launch-spec.json"
+    spec_path.write_text(json.dumps(spec))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={stage_processes()}",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "tasks.launch", str(spec_path),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"stage {name} failed under torchrun (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
+    return json.loads(Path(spec["result"]).read_text())
 
 
 def run_stage(ctx: RunContext, cfg: PipelineConfig, name: str, *inputs: Artifact):
@@ -51,7 +99,7 @@ def run_stage(ctx: RunContext, cfg: PipelineConfig, name: str, *inputs: Artifact
     stage = dag_for(ctx.flow_name, cfg)[name]
     logger = get_run_logger()
     input_map = dict(zip(stage.inputs, inputs))
-    section = stage.section(cfg)
+    section = stage_section(stage, cfg)
     store = ctx.store
     key = store.stage_key(name, section, input_map)
     if not stage_matches(list(ctx.force), name):
@@ -76,11 +124,16 @@ def run_stage(ctx: RunContext, cfg: PipelineConfig, name: str, *inputs: Artifact
         for start in range(0, len(params), 100):
             client.log_batch(run_id, params=params[start : start + 100])
         step_logger = StepMetricsLogger(run_id)
+        work = store.work_dir(name, key)
+        if stage.trains and stage_processes() > 1:
+            produce = lambda out: launch_distributed(ctx, cfg, name, inputs, out, work, run_id)  # noqa: E731
+        else:
+            produce = lambda out: stage.run(cfg, *[a.path for a in inputs], out, work, [step_logger])  # noqa: E731
         with _TRAINING_SLOTS if stage.trains else nullcontext():
             artifact = store.write(
                 name,
                 key,
-                lambda out: stage.run(cfg, *[a.path for a in inputs], out, store.work_dir(name, key), [step_logger]),
+                produce,
                 config=section,
                 inputs=input_map,
                 extra={"prefect_flow_run_id": ctx.flow_run_id, "mlflow_run_id": run_id},

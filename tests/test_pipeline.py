@@ -214,3 +214,15 @@ def test_meta_kd_flow_runs_each_domain(kd_home):
     assert sorted(table["domain"]) == ["books", "dvd"] and set(table["model"]) == {"teacher"}
     client = MlflowClient(f"sqlite:///{kd_home / 'mlflow.db'}")
     assert client.get_latest_versions("meta-kd-amazon-books-teacher")
+
+
+def test_training_stage_runs_as_ddp_when_stage_processes_is_set(first_run, kd_home, monkeypatch):
+    from flows.single_stage import single_stage
+
+    monkeypatch.setenv("KD_STAGE_PROCESSES", "2")
+    state = single_stage(stage="general_distill", profile="smoke", return_state=True)
+    assert state.is_completed(), state
+    results = [json.loads((p / "manifest.json").read_text())["result"] for p in artifacts(kd_home, "general_distill")]
+    assert sorted(r["world_size"] for r in results) == [1, 2]  # a new key beside the 1-process artifact
+    ddp = next(r for r in results if r["world_size"] == 2)
+    assert ddp["steps"] == 8 and ddp["final_loss"] < ddp["first_loss"]
