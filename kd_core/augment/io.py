@@ -1,0 +1,95 @@
+"""Augmented splits as fingerprinted Parquet, and the task-level entry point.
+
+The file holds the task's normalised columns (``idx, text_a, text_b, label``; see
+``kd_core.data.schemas``) plus ``source_idx`` (the ``idx`` of the source row) and ``aug_id``
+(0 = the source row itself when included, then 1..N_a). Its Parquet key-value metadata uses
+the loaders' ``kd.*`` keys (so ``kd_core.data.loaders.read_split`` reads it) plus
+``kd.augment``: a JSON manifest with the backend, the mode (``mlm+glove``, ``glove-only`` or
+``nlpaug-<method>``), every setting, the models, the warnings and counts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+AUGMENT_KEY = "kd.augment"
+EXTRA_FIELDS = [pa.field("source_idx", pa.int64(), nullable=False), pa.field("aug_id", pa.int64(), nullable=False)]
+
+
+def augmented_schema(task) -> pa.Schema:
+    from kd_core.data.schemas import schema_for
+    from kd_core.data.tasks import get_task
+
+    base = schema_for(get_task(task))
+    if "text_a" not in base.names:
+        raise ValueError(f"task {get_task(task).name} has no text_a/text_b columns to augment")
+    return pa.schema(list(base) + EXTRA_FIELDS)
+
+
+def table_fingerprint(frame, task) -> str:
+    """The loaders' content fingerprint of a frame in the task's (augmented) schema."""
+    from kd_core.data.schemas import fingerprint_table
+
+    schema = augmented_schema(task) if "source_idx" in frame.columns else None
+    if schema is None:
+        from kd_core.data.loaders import dataframe_to_table
+
+        return fingerprint_table(dataframe_to_table(frame, task))
+    return fingerprint_table(pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False))
+
+
+def write_augmented(frame, path: str | Path, task, split: str, manifest: dict[str, Any]) -> str:
+    """Write atomically; return the content fingerprint (also stored as ``kd.fingerprint``)."""
+    from kd_core.artifacts import atomic_file
+    from kd_core.data.loaders import FORMAT_VERSION
+    from kd_core.data.schemas import fingerprint_table, schema_kind
+    from kd_core.data.tasks import get_task
+
+    spec = get_task(task)
+    schema = augmented_schema(spec)
+    table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
+    fingerprint = fingerprint_table(table)
+    metadata = {
+        "kd.format_version": FORMAT_VERSION,
+        "kd.task": spec.name,
+        "kd.split": split,
+        "kd.family": spec.family,
+        "kd.schema": schema_kind(spec),
+        "kd.labels": json.dumps(list(spec.labels) if spec.labels is not None else None),
+        "kd.num_rows": str(table.num_rows),
+        "kd.fingerprint": fingerprint,
+        "kd.mode": str(manifest.get("mode")),
+        AUGMENT_KEY: json.dumps(manifest, sort_keys=True, default=str),
+    }
+    with atomic_file(path) as tmp:
+        pq.write_table(table.replace_schema_metadata(metadata), tmp, compression="zstd")
+    return fingerprint
+
+
+def read_augmented(path: str | Path):
+    """``(frame, manifest)``; the manifest gains ``fingerprint`` and ``num_rows``."""
+    path = Path(path)
+    table = pq.read_table(path)
+    raw = table.schema.metadata or {}
+    if AUGMENT_KEY.encode() not in raw:
+        raise ValueError(f"{path}: no {AUGMENT_KEY} metadata; it was not written by kd augment")
+    manifest = json.loads(raw[AUGMENT_KEY.encode()])
+    manifest["fingerprint"] = raw.get(b"kd.fingerprint", b"").decode()
+    manifest["num_rows"] = table.num_rows
+    return table.replace_schema_metadata(None).to_pandas(), manifest
+
+
+@dataclass
+class AugmentResult:
+    path: Path
+    rows_in: int
+    rows_out: int
+    fingerprint: str
+    manifest: dict[str, Any]
+    seconds: float
