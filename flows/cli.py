@@ -17,9 +17,9 @@ console = Console()
 
 
 def _register_command_modules() -> None:
-    from flows.commands import data, pipeline
+    from flows.commands import augment, data, pipeline
 
-    for module in (data, pipeline):
+    for module in (data, augment, pipeline):
         module.register(app)
 
 

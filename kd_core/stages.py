@@ -219,7 +219,8 @@ def finetune_student(cfg: PipelineConfig, student_dir: Path, task_dir: Path, out
 
 
 def augment(cfg: PipelineConfig, task_dir: Path, out: Path) -> dict:
-    from kd_core.augment import augment_frame
+    from kd_core.augment import augment_frame, write_augmented
+    from kd_core.data.tasks import get_task
 
     section = cfg.augment
     rows = _read_rows(task_dir / "train.parquet")
@@ -234,9 +235,11 @@ def augment(cfg: PipelineConfig, task_dir: Path, out: Path) -> dict:
         mlm=section.mlm,
         vectors=section.vectors,
         seed=section.seed,
-        tokenizer=load_tokenizer(cfg.teacher),
     )
-    augmented.to_parquet(out / "train.parquet", index=False)
+    # The file keeps the augmentation manifest, minus its timing: equal inputs must give equal bytes,
+    # or a recomputed artifact would change every descendant's cache key.
+    stable = {**info, "stats": {k: v for k, v in info.get("stats", {}).items() if k != "seconds"}}
+    write_augmented(augmented, out / "train.parquet", get_task(cfg.task.name), "train", stable)
     return {"rows": len(augmented), "source_rows": len(rows), **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
 
 
