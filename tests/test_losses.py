@@ -536,10 +536,14 @@ def test_registry_names_and_projection_flag():
         "minilmv2_relation_kl",
         "cosine",
         "kl_div",
+        "logits_mse",
+        "hard_cross_entropy",
+        "regression_mse",
     }
     for name, spec in LOSSES.items():
         assert isinstance(spec, LossSpec) and spec.name == name
         assert spec.accepts_projection == (name == "hidden_mse")
+        assert spec.uses_labels == (name in ("hard_cross_entropy", "regression_mse"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         LOSSES["cosine"].accepts_projection = True  # type: ignore[misc]
 
@@ -585,3 +589,25 @@ def test_registry_uniform_signature_matches_direct_calls():
         get_loss("cosine").fn(hs, ht4, None, temperature=2.0)
     with pytest.raises(TypeError):
         get_loss("attention_mse").fn(scores, scores, None, projection=proj)
+
+
+def test_label_and_logit_registry_entries_match_numpy():
+    rng = np.random.default_rng(7)
+    logits = rng.normal(size=(5, 3))
+    labels = np.array([0, 2, 1, 1, 0])
+    # cross-entropy: mean of -log softmax at the label
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    expected_ce = -log_probs[np.arange(5), labels].mean()
+    got = LOSSES["hard_cross_entropy"](torch.tensor(logits), torch.tensor(labels))
+    assert got.item() == pytest.approx(expected_ce, abs=1e-6)
+
+    predictions, targets = rng.normal(size=(5, 1)), rng.normal(size=5)
+    got = LOSSES["regression_mse"](torch.tensor(predictions), torch.tensor(targets))
+    assert got.item() == pytest.approx(((predictions[:, 0] - targets) ** 2).mean(), abs=1e-6)
+
+    teacher = rng.normal(size=(5, 1))
+    got = LOSSES["logits_mse"](torch.tensor(predictions), torch.tensor(teacher))
+    assert got.item() == pytest.approx(((predictions - teacher) ** 2).mean(), abs=1e-6)
+    with pytest.raises(ValueError, match="differ"):
+        LOSSES["logits_mse"](torch.zeros(5, 1), torch.zeros(5, 2))
