@@ -93,3 +93,61 @@ class AugmentResult:
     fingerprint: str
     manifest: dict[str, Any]
     seconds: float
+
+
+def source_columns(frame) -> tuple[list[int], list[str], list[str | None], list]:
+    """(idx, text_a, text_b, label) of a normalised frame; a missing or NaN text_b is None."""
+    missing = [c for c in ("idx", "text_a", "label") if c not in frame.columns]
+    if missing:
+        from kd_core.augment.tinybert import AugmentError
+
+        raise AugmentError(f"input frame lacks column(s) {missing}; expected idx, text_a, text_b, label")
+    text_b = frame["text_b"].tolist() if "text_b" in frame.columns else [None] * len(frame)
+    text_b = [None if (b is None or (isinstance(b, float) and b != b)) else b for b in text_b]
+    return [int(i) for i in frame["idx"].tolist()], frame["text_a"].tolist(), text_b, frame["label"].tolist()
+
+
+class AugmentedRows:
+    """Output rows in the augmented schema: per source row, the original (aug_id 0) then its copies."""
+
+    def __init__(self, include_original: bool, dedupe: bool):
+        self.include_original = include_original
+        self.dedupe = dedupe
+        self.columns: dict[str, list] = {k: [] for k in ("text_a", "text_b", "label", "source_idx", "aug_id")}
+
+    def add(self, text_a: str, text_b: str | None, label, source_idx: int, copies: list[tuple[str, str | None]]) -> None:
+        rows = list(copies)
+        if self.dedupe:
+            seen, kept = {(text_a, text_b)}, []
+            for row in rows:
+                if row not in seen:
+                    seen.add(row)
+                    kept.append(row)
+            rows = kept
+        if self.include_original:
+            rows = [(text_a, text_b)] + rows
+        for aug_id, (a, b) in enumerate(rows, start=0 if self.include_original else 1):
+            self.columns["text_a"].append(a)
+            self.columns["text_b"].append(b)
+            self.columns["label"].append(label)
+            self.columns["source_idx"].append(source_idx)
+            self.columns["aug_id"].append(aug_id)
+
+    def __len__(self) -> int:
+        return len(self.columns["text_a"])
+
+    def frame(self, label_dtype):
+        import numpy as np
+        import pandas as pd
+
+        cols = self.columns
+        return pd.DataFrame(
+            {
+                "idx": np.arange(len(self), dtype=np.int64),
+                "text_a": pd.Series(cols["text_a"], dtype=object),
+                "text_b": pd.Series(cols["text_b"], dtype=object),
+                "label": pd.Series(cols["label"], dtype=label_dtype),
+                "source_idx": np.asarray(cols["source_idx"], dtype=np.int64),
+                "aug_id": np.asarray(cols["aug_id"], dtype=np.int64),
+            }
+        )

@@ -208,50 +208,22 @@ class NlpaugAugmenter:
         return out
 
     def augment_frame(self, frame, progress: bool = False):
-        import pandas as pd
+        from kd_core.augment.io import AugmentedRows, source_columns
 
         cfg = self.config
         started = time.perf_counter()
-        idxs = [int(i) for i in frame["idx"].tolist()]
-        text_a = frame["text_a"].tolist()
-        text_b = frame["text_b"].tolist() if "text_b" in frame.columns else [None] * len(frame)
-        text_b = [None if (b is None or (isinstance(b, float) and np.isnan(b))) else b for b in text_b]
+        idxs, text_a, text_b, labels = source_columns(frame)
         copies_a = self.augment(text_a, idxs)
         pair_rows = [r for r, b in enumerate(text_b) if b is not None]
         copies_b: dict[int, list[str]] = {}
         if pair_rows:
             for r, copies in zip(pair_rows, self.augment([text_b[r] for r in pair_rows], [idxs[r] + (1 << 40) for r in pair_rows])):
                 copies_b[r] = copies
-        labels = frame["label"].tolist()
-        cols: dict[str, list] = {k: [] for k in ("text_a", "text_b", "label", "source_idx", "aug_id")}
+        rows = AugmentedRows(cfg.include_original, cfg.dedupe)
         for r in range(len(frame)):
-            rows = list(zip(copies_a[r], copies_b.get(r, [None] * cfg.n_aug)))
-            if cfg.dedupe:
-                seen, kept = {(text_a[r], text_b[r])}, []
-                for row in rows:
-                    if row not in seen:
-                        seen.add(row)
-                        kept.append(row)
-                rows = kept
-            if cfg.include_original:
-                rows = [(text_a[r], text_b[r])] + rows
-            for aug_id, (a, b) in enumerate(rows, start=0 if cfg.include_original else 1):
-                cols["text_a"].append(a)
-                cols["text_b"].append(b)
-                cols["label"].append(labels[r])
-                cols["source_idx"].append(idxs[r])
-                cols["aug_id"].append(aug_id)
-        n = len(cols["text_a"])
-        out = pd.DataFrame(
-            {
-                "idx": np.arange(n, dtype=np.int64),
-                "text_a": pd.Series(cols["text_a"], dtype=object),
-                "text_b": pd.Series(cols["text_b"], dtype=object),
-                "label": pd.Series(cols["label"], dtype=frame["label"].dtype),
-                "source_idx": np.asarray(cols["source_idx"], dtype=np.int64),
-                "aug_id": np.asarray(cols["aug_id"], dtype=np.int64),
-            }
-        )
+            rows.add(text_a[r], text_b[r], labels[r], idxs[r], list(zip(copies_a[r], copies_b.get(r, [None] * cfg.n_aug))))
+        out = rows.frame(frame["label"].dtype)
+        n = len(rows)
         self.stats.rows_in += len(frame)
         self.stats.rows_out += n
         self.stats.seconds += time.perf_counter() - started

@@ -37,6 +37,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from kd_core.augment.io import AugmentedRows, source_columns
 from kd_core.augment.mlm import MaskedLM, MaskRequest
 from kd_core.augment.vectors import NeighbourIndex, WordVectors, load_word_vectors
 from kd_core.augment.words import is_eligible, match_case, split_words
@@ -292,19 +293,10 @@ class TinyBertAugmenter:
         (0 for the source row when ``include_original``, then 1..N_a); ``idx`` is renumbered
         0..n-1 over the output.
         """
-        import pandas as pd
-
-        missing = [c for c in ("idx", "text_a", "label") if c not in frame.columns]
-        if missing:
-            raise AugmentError(f"input frame lacks column(s) {missing}; expected idx, text_a, text_b, label")
         cfg = self.config
         started = time.perf_counter()
-        text_a = frame["text_a"].tolist()
-        text_b = frame["text_b"].tolist() if "text_b" in frame.columns else [None] * len(frame)
-        text_b = [None if (b is None or (isinstance(b, float) and np.isnan(b))) else b for b in text_b]
-        idxs = [int(i) for i in frame["idx"].tolist()]
-        labels = frame["label"].tolist()
-        columns: dict[str, list] = {k: [] for k in ("text_a", "text_b", "label", "source_idx", "aug_id")}
+        idxs, text_a, text_b, labels = source_columns(frame)
+        rows = AugmentedRows(cfg.include_original, cfg.dedupe)
         chunks = range(0, len(frame), cfg.chunk_size)
         if progress:
             from tqdm.auto import tqdm
@@ -325,35 +317,9 @@ class TinyBertAugmenter:
                     copies_b = sample_copies(
                         text_b[r], slots[(r, 1)], _seed_sequence(cfg.seed, idxs[r], 1), cfg.n_aug, cfg.p_t
                     )
-                rows = list(zip(copies_a, copies_b))
-                if cfg.dedupe:
-                    seen = {(text_a[r], text_b[r])}
-                    kept = []
-                    for row in rows:
-                        if row not in seen:
-                            seen.add(row)
-                            kept.append(row)
-                    rows = kept
-                if cfg.include_original:
-                    rows = [(text_a[r], text_b[r])] + rows
-                first = 0 if cfg.include_original else 1
-                for aug_id, (a, b) in enumerate(rows, start=first):
-                    columns["text_a"].append(a)
-                    columns["text_b"].append(b)
-                    columns["label"].append(labels[r])
-                    columns["source_idx"].append(idxs[r])
-                    columns["aug_id"].append(aug_id)
-        n = len(columns["text_a"])
-        out = pd.DataFrame(
-            {
-                "idx": np.arange(n, dtype=np.int64),
-                "text_a": pd.Series(columns["text_a"], dtype=object),
-                "text_b": pd.Series(columns["text_b"], dtype=object),
-                "label": pd.Series(columns["label"], dtype=frame["label"].dtype),
-                "source_idx": np.asarray(columns["source_idx"], dtype=np.int64),
-                "aug_id": np.asarray(columns["aug_id"], dtype=np.int64),
-            }
-        )
+                rows.add(text_a[r], text_b[r], labels[r], idxs[r], list(zip(copies_a, copies_b)))
+        out = rows.frame(frame["label"].dtype)
+        n = len(rows)
         self.stats.rows_in += len(frame)
         self.stats.rows_out += n
         self.stats.seconds += time.perf_counter() - started
