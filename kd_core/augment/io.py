@@ -47,8 +47,8 @@ def table_fingerprint(frame, task) -> str:
 def write_augmented(frame, path: str | Path, task, split: str, manifest: dict[str, Any]) -> str:
     """Write atomically; return the content fingerprint (also stored as ``kd.fingerprint``)."""
     from kd_core.artifacts import atomic_file
-    from kd_core.data.loaders import FORMAT_VERSION
-    from kd_core.data.schemas import fingerprint_table, schema_kind
+    from kd_core.data.loaders import split_metadata
+    from kd_core.data.schemas import fingerprint_table
     from kd_core.data.tasks import get_task
 
     spec = get_task(task)
@@ -56,14 +56,7 @@ def write_augmented(frame, path: str | Path, task, split: str, manifest: dict[st
     table = pa.Table.from_pandas(frame[schema.names], schema=schema, preserve_index=False)
     fingerprint = fingerprint_table(table)
     metadata = {
-        "kd.format_version": FORMAT_VERSION,
-        "kd.task": spec.name,
-        "kd.split": split,
-        "kd.family": spec.family,
-        "kd.schema": schema_kind(spec),
-        "kd.labels": json.dumps(list(spec.labels) if spec.labels is not None else None),
-        "kd.num_rows": str(table.num_rows),
-        "kd.fingerprint": fingerprint,
+        **split_metadata(spec, split, table, fingerprint),
         "kd.mode": str(manifest.get("mode")),
         AUGMENT_KEY: json.dumps(manifest, sort_keys=True, default=str),
     }

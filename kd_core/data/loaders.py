@@ -785,11 +785,9 @@ def dataframe_to_table(df: pd.DataFrame, task: str | TaskSpec) -> pa.Table:
     return _conform(table.replace_schema_metadata(None), spec, "dataframe")
 
 
-def write_table(table: pa.Table, path: str | Path, task: str | TaskSpec, split: str, extra: dict | None = None) -> str:
-    spec = get_task(task)
-    table = _conform(table, spec, str(path))
-    fingerprint = fingerprint_table(table)
-    metadata = {
+def split_metadata(spec: TaskSpec, split: str, table: pa.Table, fingerprint: str) -> dict[str, str]:
+    """The ``kd.*`` Parquet key-value metadata every written split carries."""
+    return {
         "kd.format_version": FORMAT_VERSION,
         "kd.task": spec.name,
         "kd.split": split,
@@ -799,6 +797,13 @@ def write_table(table: pa.Table, path: str | Path, task: str | TaskSpec, split: 
         "kd.num_rows": str(table.num_rows),
         "kd.fingerprint": fingerprint,
     }
+
+
+def write_table(table: pa.Table, path: str | Path, task: str | TaskSpec, split: str, extra: dict | None = None) -> str:
+    spec = get_task(task)
+    table = _conform(table, spec, str(path))
+    fingerprint = fingerprint_table(table)
+    metadata = split_metadata(spec, split, table, fingerprint)
     for key, value in (extra or {}).items():
         metadata[f"kd.{key}"] = value if isinstance(value, str) else json.dumps(value)
     with atomic_file(path) as tmp:
