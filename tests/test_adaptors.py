@@ -29,6 +29,8 @@ from transformers import (
 
 from kd_core.models.adaptors import FEATURE_NAMES, EncoderInternals, ModelAdaptor
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ARCHS = ["bert", "roberta", "mpnet", "distilbert"]
 LAYERS, HIDDEN, HEADS, VOCAB, T = 2, 32, 4, 100, 9
 # Q/K/V Linear names and the self-attention module of a block, written out independently of the adaptor.
@@ -39,15 +41,6 @@ QKV = {
     "distilbert": ("attention", "q_lin", "k_lin", "v_lin"),
 }
 PAD = {"bert": 0, "roberta": 1, "mpnet": 1, "distilbert": 0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add contention (10x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_config(arch: str):

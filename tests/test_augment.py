@@ -38,6 +38,8 @@ ASCII_TOKEN = re.compile(r"[A-Za-z0-9]+|[^\sA-Za-z0-9]")  # BERT basic tokenizat
 ALPHA2 = re.compile(r"[A-Za-z]{2,}")
 ALPHA = re.compile(r"[A-Za-z]+")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def tokens_of(text: str) -> list[str]:
     return ASCII_TOKEN.findall(text)
@@ -45,28 +47,6 @@ def tokens_of(text: str) -> list[str]:
 
 def eligible(word: str) -> bool:
     return bool(ALPHA2.fullmatch(word)) and word.lower() not in STOP_WORDS
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine every
-    parallel region of a 2-thread forward waits for a descheduled thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_mlm(tokenizer):
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=512,
-    )
-    return BertForMaskedLM(config).eval()
 
 
 @pytest.fixture(scope="module")
