@@ -198,22 +198,43 @@ def test_kd_stage_reruns_one_stage_or_names_the_missing_upstream(first_run, kd_h
     assert "needs prepare_task" in text and "run it first" in text
 
 
-def test_meta_kd_flow_runs_each_domain(kd_home):
+def test_meta_kd_flow_trains_teachers_students_and_reports_each_domain(kd_home):
+    import json
+
     from mlflow.tracking import MlflowClient
+    from transformers import AutoConfig
 
     from flows.meta_kd import meta_kd
+    from kd_core.metakd.core import subsample_fraction
 
-    state = meta_kd(profile="smoke", return_state=True)
+    state = meta_kd(profile="smoke", return_state=True)  # books, dvd x fractions [1.0, 0.5] x seeds [1, 2]
     assert state.is_completed(), state
+    rows = {}
     for domain in ("books", "dvd"):
         (data,) = artifacts(kd_home, f"prepare_task@{domain}")
-        assert len(pd.read_parquet(data / "train.parquet")) == 128  # smoke's train_limit, from 1,700
-        assert len(artifacts(kd_home, f"finetune_teacher@{domain}")) == 1
-    (report,) = [p for p in artifacts(kd_home, "report") if (p / "domains.parquet").is_file()]
-    table = pd.read_parquet(report / "domains.parquet")
-    assert sorted(table["domain"]) == ["books", "dvd"] and set(table["model"]) == {"teacher"}
+        rows[domain] = pd.read_parquet(data / "train.parquet")
+        assert len(rows[domain]) == 128  # smoke's train_limit, from 1,700
+    # few-shot: the target's rows are subsampled for its teachers, the other domain stays whole
+    (meta_teacher,) = artifacts(kd_home, "meta_teacher@books/f0.5")
+    seen = json.loads((meta_teacher / "rows.json").read_text())["rows"]
+    assert seen == {"books": len(subsample_fraction(rows["books"], 0.5, 13)), "dvd": 128} and seen["books"] < 128
+    assert (meta_teacher / "model" / "metakd_head.safetensors").is_file()
+    (student,) = artifacts(kd_home, "meta_distill@dvd/f0.5/s2")
+    history = pd.read_parquet(student / "history.parquet")
+    assert {"loss/domain_aware:transfer_mse", "loss/lambda", "loss/logits:soft_cross_entropy", "phase"} <= set(history.columns)
+    assert history["step"].tolist() == list(range(1, 17))  # 8 intermediate then 8 prediction steps
+    assert AutoConfig.from_pretrained(student / "model").num_hidden_layers == 2
+    (report,) = [p for p in artifacts(kd_home, "report") if (p / "scores.parquet").is_file()]
+    scores = pd.read_parquet(report / "scores.parquet")
+    students, teachers = scores[scores.role == "student"], scores[scores.role == "teacher"]
+    assert len(students) == 2 * 2 * 2 * 3 and set(students.method) == {"single", "mixed", "meta"}
+    assert len(teachers) == 2 * 2 * 3 and set(teachers.seed) == {1}  # teachers trained once, first seed
+    assert ((scores.score * 128 / 100 - (scores.score * 128 / 100).round()).abs() < 1e-6).all()  # 128 dev rows
+    text = (report / "report.md").read_text()
+    assert "## Per domain, full training data" in text and "| 0.5 |" in text and "(c) Meta-KD" in text
     client = MlflowClient(f"sqlite:///{kd_home / 'mlflow.db'}")
     assert client.get_latest_versions("meta-kd-amazon-books-teacher")
+    assert client.get_latest_versions("meta-kd-amazon-meta-teacher")
 
 
 def test_training_stage_runs_as_ddp_when_stage_processes_is_set(first_run, kd_home, monkeypatch):

@@ -282,15 +282,21 @@ class DistillTrainer:
             history=history,
         )
 
+    def batch_targets(self, examples: list[dict], batch: dict[str, torch.Tensor], device):
+        """What the objective receives as ``labels``: the batch labels. Subclasses whose
+        objective needs more per-example fields (a domain id, an instance weight) return them."""
+        return batch["labels"].to(device) if "labels" in batch else None
+
     def _train_step(self) -> dict:
         acc, cfg = self.accelerator, self.config
         micro_batches, next_position = self.plan.micro_batches(self.position, acc.process_index)
         loss_sum = torch.zeros((), device=acc.device)
         term_sums: dict[str, torch.Tensor] = {}
         for index, indices in enumerate(micro_batches):
-            batch = pad_batch([self.examples[i] for i in indices], self.pad_token_id)
+            examples = [self.examples[i] for i in indices]
+            batch = pad_batch(examples, self.pad_token_id)
             inputs = {k: v.to(acc.device) for k, v in _model_inputs(batch).items()}
-            labels = batch["labels"].to(acc.device) if "labels" in batch else None
+            labels = self.batch_targets(examples, batch, acc.device)
             last = index == len(micro_batches) - 1
             with acc.autocast():
                 teacher_out = None
