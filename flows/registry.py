@@ -13,6 +13,7 @@ FLOWS: dict[str, tuple[str, str]] = {
     "tinybert-full": ("flows.tinybert_full", "tinybert_full"),
     "minilm": ("flows.minilm", "minilm"),
     "meta-kd": ("flows.meta_kd", "meta_kd"),
+    "squad-distill": ("flows.squad", "squad_distill"),
 }
 
 # Flow names, in order (serve.py, prefect.yaml and the tests use these).

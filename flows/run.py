@@ -52,6 +52,12 @@ def summarize(ctx: RunContext, report: Artifact) -> dict:
     client = MlflowClient()
     report_md = report.path / "report.md"
     client.log_artifact(ctx.parent_run_id, str(report_md))
+    # plots and the summary too: a cached report stage has no run of its own in this flow run,
+    # and `kd report --runs` reads summary.parquet from here
+    for extra in sorted(report.path.iterdir()):
+        if extra.suffix in (".png", ".parquet") and not extra.name.startswith("."):
+            client.log_artifact(ctx.parent_run_id, str(extra))
+    client.set_tag(ctx.parent_run_id, "kd.report", str(report.path))
     text = report_md.read_text()
     print(text)
     print(f"MLflow: parent run {ctx.parent_run_id} in {tracking_uri()} (make ui to browse)")

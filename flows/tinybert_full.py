@@ -16,6 +16,7 @@ from tasks.general_distill import general_distill
 from tasks.prepare_corpus import prepare_corpus
 from tasks.prepare_task import prepare_task
 from tasks.report import report
+from tasks.stages import report_training_inputs
 from tasks.task_distill_intermediate import task_distill_intermediate
 from tasks.task_distill_prediction import task_distill_prediction
 
@@ -37,5 +38,10 @@ def tinybert_full(profile: str = "smoke", overrides: dict[str, Any] | None = Non
         evaluation = evaluate.submit(ctx, cfg, teacher, student, task_data)
         # Timing waits for evaluation: no other stage competes for the cores while it measures.
         bench = benchmark.submit(ctx, cfg, teacher, student, wait_for=[evaluation])
-        final = report.submit(ctx, cfg, evaluation, bench)
+        # the report draws each training stage's loss curve
+        training = report_training_inputs(FLOW_NAME, cfg, {
+            "general_distill": general, "finetune_teacher": teacher,
+            "task_distill_intermediate": intermediate, "task_distill_prediction": student,
+        })
+        final = report.submit(ctx, cfg, evaluation, bench, *training)
         return summarize(ctx, final.result())

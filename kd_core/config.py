@@ -24,6 +24,7 @@ FEATURES = (
     "key_merged",
     "value_merged",
     "logits",
+    "qa_logits",  # extractive QA: start and end logits stacked, [B, 2, T]
 )
 
 
@@ -207,6 +208,18 @@ class FinetuneSection(StrictModel):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=500, learning_rate=5e-5))
 
 
+class StudentTaskSection(FinetuneSection):
+    """How the general student learns the task: plain fine-tuning (MiniLM), or distillation from
+    the fine-tuned teacher with a recipe (``distilbert``: soft CE x T^2 + last-hidden cosine)."""
+
+    recipe: Literal["finetune", "distilbert"] = "finetune"
+    recipe_params: dict[str, Any] = Field(default_factory=dict, description="e.g. temperature, alpha_ce, alpha_cos")
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.recipe != "finetune"
+
+
 class AugmentSection(StrictModel):
     enabled: bool = True
     n_aug: int = Field(20, ge=1)
@@ -228,16 +241,127 @@ class TaskDistillSection(StrictModel):
 
 
 class MetaKDSection(StrictModel):
-    """Meta-KD across domains (Pan et al., 2021); each domain is the task ``amazon-<domain>``."""
+    """Meta-KD across domains (Pan et al., ACL 2021); each domain is the task ``amazon-<domain>``.
+
+    Per target domain, training fraction and seed the meta-kd flow distils three students with the
+    same init, matches, steps and data: (a) from the single-domain teacher, (b) from a teacher
+    fine-tuned on all domains mixed, (c) Meta-KD (meta-teacher, then meta-distillation). Teachers
+    train with ``teacher_train`` (or ``finetune_teacher.train``) for ``teacher_epochs``; students
+    in TinyBERT's two steps, ``distill`` (intermediate layers) then ``prediction`` (logits).
+    Defaults of alpha/gamma1/gamma2 follow the paper's released scripts (EasyNLP).
+    """
 
     domains: list[str] = Field(default_factory=lambda: ["books", "dvd", "electronics", "kitchen"], min_length=2)
+    targets: list[str] | None = Field(None, description="domains that get students; null = every domain")
+    fractions: list[float] = Field(default_factory=lambda: [1.0], min_length=1,
+                                   description="target-domain training fractions; the other domains stay whole")
+    seeds: list[int] = Field(default_factory=lambda: [13], min_length=1, description="one student per seed")
+    subsample_seed: int = Field(13, description="which target rows a fraction keeps: the same rows for every seed")
+    teacher_seeds: Literal["first", "each"] = Field(
+        "first", description="first: one teacher per (fraction, target), trained with seeds[0]; each: one per seed"
+    )
+    teacher_train: TrainConfig | None = Field(None, description="every teacher's training; null: finetune_teacher.train")
+    teacher_epochs: float | None = Field(1.0, gt=0, description="teacher steps = ceil(epochs x rows / batch); null: the train config's max_steps")
+    teacher_min_steps: int = Field(1, ge=1, description="floor on teacher steps (few-shot single-domain teachers)")
+    alpha: float = Field(0.5, ge=0, le=1, description="Eq. 2: weight of the own-domain prototype in the prototype score")
+    gamma1: float = Field(0.5, ge=0, description="weight of the meta-teacher's domain-corruption loss")
+    gamma2: float = Field(0.5, ge=0, description="weight of the students' transferable-knowledge loss")
+    corruption_dropout: float = Field(0.1, ge=0, lt=1, description="dropout before the domain classifier")
+    normalize_scores: bool = Field(
+        True, description="meta-teacher: divide the prototype-score weights by their mean (keeps γ1's trade-off encoder-independent)"
+    )
+    student: StudentConfig = Field(
+        default_factory=lambda: StudentConfig(num_layers=2, hidden_size=384, num_heads=12, intermediate_size=1536,
+                                              init="teacher_layers"),
+        description="built from the (pre-trained) teacher; init_layers null with teacher_layers = the mapped teacher layers",
+    )
+    mapping: LayerMapping = Field(default_factory=LayerMapping)
+    distill: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=200, batch_size=16, learning_rate=1e-4),
+                                 description="students, step 1: embedding/attention/hidden matches (+ Meta-KD's transfer loss)")
+    prediction: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=200, batch_size=16, learning_rate=1e-4),
+                                    description="students, step 2: soft cross-entropy on the teacher's logits")
+    temperature: float = Field(1.0, gt=0, description="prediction-layer soft cross-entropy temperature")
+    baselines: bool = Field(True, description="also distil (a) single-domain and (b) mixed-domain students")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MetaKDSection":
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"meta_kd.domains has duplicates: {self.domains}")
+        unknown = [t for t in self.targets or [] if t not in self.domains]
+        if unknown:
+            raise ValueError(f"meta_kd.targets {unknown} are not in meta_kd.domains {self.domains}")
+        bad = [f for f in self.fractions if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"meta_kd.fractions must lie in (0, 1], got {bad}")
+        for name in ("fractions", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"meta_kd.{name} has duplicates: {values}")
+        return self
+
+    @property
+    def target_domains(self) -> list[str]:
+        return list(self.targets) if self.targets else list(self.domains)
+
+
+class QASection(StrictModel):
+    """Extractive QA (SQuAD): where the rows come from, the sliding-window features, post-processing.
+
+    ``source: dev-articles`` splits the official dev set by article (title) into a train part and
+    an eval part, for machines that only hold dev-v1.1.json; every output names those parts
+    (``dev-articles-train``, ``dev-articles-eval``). ``train-dev`` uses the official train and dev
+    files. ``version_2`` picks SQuAD v2.0 (task squad_v2): unanswerable questions and a tuned
+    no-answer threshold.
+    """
+
+    version_2: bool = False
+    source: Literal["dev-articles", "train-dev"] = "dev-articles"
+    eval_fraction: float = Field(0.5, gt=0, lt=1, description="share of articles in the eval part (dev-articles)")
+    articles: int | None = Field(None, ge=2, description="use this many articles (seeded pick; dev-articles)")
+    train_limit: int | None = Field(None, ge=1, description="at most N training questions (seeded)")
+    eval_limit: int | None = Field(None, ge=1, description="at most N eval questions (seeded)")
+    seed: int = 13
+    max_seq_length: int = Field(384, ge=32)
+    doc_stride: int = Field(128, ge=1, description="tokens shared by consecutive windows of a long context")
+    max_query_length: int = Field(64, ge=4, description="question tokens kept")
+    max_answer_length: int = Field(30, ge=1, description="longest answer span, in tokens")
+    n_best: int = Field(20, ge=1, description="start and end candidates per window")
+    eval_batch_size: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> "QASection":
+        room = self.max_seq_length - self.max_query_length - 3  # [CLS] question [SEP] context [SEP]
+        if self.doc_stride >= room:
+            raise ValueError(
+                f"qa.doc_stride {self.doc_stride} must be below the context room of a window "
+                f"(max_seq_length {self.max_seq_length} - max_query_length {self.max_query_length} - 3 = {room}); "
+                f"lower doc_stride or raise max_seq_length"
+            )
+        return self
+
+    @property
+    def task_name(self) -> str:
+        return "squad_v2" if self.version_2 else "squad"
 
 
 class BenchmarkSection(StrictModel):
+    """The benchmark stage's grid (kd_core.bench). batch_size x seq_len is the headline
+    throughput cell the report uses, latency_batch x seq_len its latency; the lists widen the grid."""
+
     batch_size: int = Field(32, ge=1)
     seq_len: int = Field(128, ge=8)
     repeats: int = Field(5, ge=1)
     threads: int | None = None
+    latency_batch: int = Field(1, ge=1)
+    latency_repeats: int = Field(20, ge=1, description="repeats of the batch-latency_batch cells (p95 needs more)")
+    variants: list[Literal["eager", "compile", "int8", "onnx"]] = Field(default_factory=lambda: ["eager"], min_length=1)
+    batches: list[int] | None = Field(None, description="default: [latency_batch, batch_size]")
+    seq_lens: list[int] | None = Field(None, description="default: [seq_len]")
+    thread_counts: list[int] | None = Field(None, description="default: [threads], or torch's current setting")
+    max_tokens: int | None = Field(None, ge=1, description="skip cells with batch x seq above this")
+    cell_budget_s: float | None = Field(None, gt=0, description="skip a model in a cell estimated to take longer")
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 class PipelineConfig(StrictModel):
@@ -252,12 +376,13 @@ class PipelineConfig(StrictModel):
     task: TaskSection = Field(default_factory=TaskSection)
     finetune_teacher: FinetuneSection = Field(default_factory=FinetuneSection)
     minilm: MiniLMSection = Field(default_factory=MiniLMSection)
-    finetune_student: FinetuneSection = Field(
-        default_factory=lambda: FinetuneSection(train=TrainConfig(max_steps=500, learning_rate=1e-4))
+    finetune_student: StudentTaskSection = Field(
+        default_factory=lambda: StudentTaskSection(train=TrainConfig(max_steps=500, learning_rate=1e-4))
     )
     augment: AugmentSection = Field(default_factory=AugmentSection)
     task_distill: TaskDistillSection = Field(default_factory=TaskDistillSection)
     meta_kd: MetaKDSection = Field(default_factory=MetaKDSection)
+    qa: QASection = Field(default_factory=QASection)
     benchmark: BenchmarkSection = Field(default_factory=BenchmarkSection)
     force: list[str] = Field(default_factory=list, description="stages to rerun even when cached")
 

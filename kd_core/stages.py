@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
@@ -214,8 +213,27 @@ def finetune_teacher(cfg: PipelineConfig, task_dir: Path, out: Path, work: Path,
     return finetune(cfg.teacher, cfg.finetune_teacher, cfg, task_dir, out, work, callbacks)
 
 
-def finetune_student(cfg: PipelineConfig, student_dir: Path, task_dir: Path, out: Path, work: Path, callbacks: Sequence[TrainerCallback] = ()) -> dict:
-    return finetune(student_dir / MODEL_SUBDIR, cfg.finetune_student, cfg, task_dir, out, work, callbacks)
+def finetune_student(
+    cfg: PipelineConfig,
+    student_dir: Path,
+    task_dir: Path,
+    out: Path,
+    work: Path,
+    callbacks: Sequence[TrainerCallback] = (),
+    teacher_dir: Path | None = None,
+) -> dict:
+    """The general student learns the task: fine-tuning, or (recipe ``distilbert``) distillation
+    from the fine-tuned teacher on the task's train rows."""
+    section = cfg.finetune_student
+    if not section.needs_teacher:
+        return finetune(student_dir / MODEL_SUBDIR, section, cfg, task_dir, out, work, callbacks)
+    if teacher_dir is None:
+        raise StageInputError(f"finetune_student.recipe={section.recipe!r} distils from the fine-tuned teacher; pass its artifact")
+    from kd_core.data.tasks import get_task
+
+    params = {**section.recipe_params, "regression": get_task(cfg.task.name).is_regression}
+    return _distill_on_task(cfg, section.train, section.recipe, cfg.task_distill.mapping, params,
+                            teacher_dir, student_dir, task_dir, out, work, callbacks)
 
 
 def augment(cfg: PipelineConfig, task_dir: Path, out: Path) -> dict:
@@ -247,6 +265,9 @@ def augment(cfg: PipelineConfig, task_dir: Path, out: Path) -> dict:
 def _load_classifier(model_dir: Path, spec):
     from transformers import AutoModelForSequenceClassification
 
+    from kd_core.evaluate.glue import check_label_order
+
+    check_label_order(model_dir, spec)  # the head kwargs below would relabel a permuted head silently
     with quiet_transformers():  # an encoder dir gains a fresh head here, by design
         return AutoModelForSequenceClassification.from_pretrained(model_dir, **_task_head_kwargs(spec))
 
@@ -290,18 +311,37 @@ def task_distill(
     if step not in ("intermediate", "prediction"):
         raise StageInputError(f"task_distill step must be intermediate or prediction, got {step!r}")
     section = cfg.task_distill
+    if step == "intermediate":
+        return _distill_on_task(cfg, section.intermediate, section.recipe, section.mapping, section.recipe_params,
+                                teacher_dir, student_dir, data_dir, out, work, callbacks)
+    params = {"temperature": section.temperature, "regression": get_task(cfg.task.name).is_regression}
+    return _distill_on_task(cfg, section.prediction, "tinybert_prediction", section.mapping, params,
+                            teacher_dir, student_dir, data_dir, out, work, callbacks)
+
+
+def _distill_on_task(
+    cfg: PipelineConfig,
+    train: TrainConfig,
+    recipe: str,
+    mapping,
+    params: dict,
+    teacher_dir: Path,
+    student_dir: Path,
+    data_dir: Path,
+    out: Path,
+    work: Path,
+    callbacks: Sequence[TrainerCallback],
+) -> dict:
+    """Distil a fine-tuned teacher's task model into the student with ``recipe``'s matches."""
+    from kd_core.data.tasks import get_task
+
     spec = get_task(cfg.task.name)
     tokenizer = load_tokenizer(teacher_dir / MODEL_SUBDIR)
     teacher = _load_classifier(teacher_dir / MODEL_SUBDIR, spec)
-    train: TrainConfig = section.intermediate if step == "intermediate" else section.prediction
     torch.manual_seed(train.seed)
     student = _load_classifier(student_dir / MODEL_SUBDIR, spec)
     s_shape, t_shape = shape_of(student), shape_of(teacher)
-    if step == "intermediate":
-        specs = expand_recipe(section.recipe, section.mapping, s_shape.num_layers, t_shape.num_layers, params=section.recipe_params)
-    else:
-        params = {"temperature": section.temperature, "regression": spec.is_regression}
-        specs = expand_recipe("tinybert_prediction", section.mapping, s_shape.num_layers, t_shape.num_layers, params=params)
+    specs = expand_recipe(recipe, mapping, s_shape.num_layers, t_shape.num_layers, params=params)
     objective = Objective(specs, s_shape, t_shape)
     _init_projections(objective, student_dir / MODEL_SUBDIR)
     examples = encode_examples(_read_rows(data_dir / "train.parquet"), tokenizer, cfg.task.max_seq_length)
@@ -330,88 +370,74 @@ def evaluate(cfg: PipelineConfig, models: dict[str, Path], task_dir: Path, out: 
     return {f"{r['model']}_score": round(float(r["score"]), 4) for r in records}
 
 
-def _disk_mb(model_dir: Path) -> float:
-    return sum(p.stat().st_size for p in model_dir.rglob("*.safetensors")) / 2**20
-
-
 def benchmark(cfg: PipelineConfig, models: dict[str, Path], out: Path) -> dict:
-    """Latency of each model on the same batch, interleaved across repeats to resist noise."""
+    """benchmark.parquet + benchmark.md of every model over cfg.benchmark's grid (kd_core.bench):
+    the same inputs, one process, models interleaved within each repeat."""
+    from kd_core.bench import BenchGrid, load_bench_model, run_benchmark, write_benchmark
+
     section = cfg.benchmark
-    if section.threads:
-        torch.set_num_threads(section.threads)
+    grid = BenchGrid.from_section(section)
     with quiet_transformers():  # a classifier dir loaded as a bare encoder: its head is expected to be unused
-        loaded = {name: load_model(path / MODEL_SUBDIR).eval() for name, path in models.items()}
-    generator = torch.Generator().manual_seed(0)
-    vocab = min(m.config.vocab_size for m in loaded.values())
-    ids = torch.randint(1000, vocab, (section.batch_size, section.seq_len), generator=generator)
-    mask = torch.ones_like(ids)
-    timings: dict[str, list[float]] = {name: [] for name in loaded}
-    with torch.no_grad():
-        for model in loaded.values():  # warm-up
-            model(input_ids=ids, attention_mask=mask)
-        for _ in range(section.repeats):
-            for name, model in loaded.items():
-                start = time.perf_counter()
-                model(input_ids=ids, attention_mask=mask)
-                timings[name].append(time.perf_counter() - start)
-    records = []
-    for name, model in loaded.items():
-        median = float(np.median(timings[name]))
-        records.append({
-            "model": name,
-            "params": sum(p.numel() for p in model.parameters()),
-            "disk_mb": round(_disk_mb(models[name] / MODEL_SUBDIR), 2),
-            "batch_size": section.batch_size,
-            "seq_len": section.seq_len,
-            "threads": torch.get_num_threads(),
-            "median_batch_seconds": median,
-            "sequences_per_second": section.batch_size / median,
-        })
-    frame = pd.DataFrame(records)
-    frame.to_parquet(out / "benchmark.parquet", index=False)
-    (out / "benchmark.json").write_text(json.dumps(records, indent=2))
-    return {f"{r['model']}_seq_per_s": round(float(r["sequences_per_second"]), 2) for r in records}
+        loaded = [load_bench_model(name, path) for name, path in models.items()]
+    frame = run_benchmark(loaded, grid)
+    reference = "teacher" if "teacher" in models else next(iter(models))
+    write_benchmark(frame, out, reference, title=f"{cfg.profile}: inference benchmark")
+    headline = frame[(frame["variant"] == grid.variants[0]) & (frame["seq_len"] == section.seq_len) & (frame["status"] == "ok")]
+    result = {}
+    for row in headline.itertuples():
+        if row.batch_size == section.batch_size:
+            result[f"{row.model}_seq_per_s"] = round(float(row.seq_per_s), 2)
+        if row.batch_size == section.latency_batch:
+            result[f"{row.model}_latency_p50_ms"] = round(float(row.latency_p50_ms), 3)
+    return result
 
 
-def report(cfg: PipelineConfig, eval_dir: Path, bench_dir: Path, out: Path, reference: str = "teacher") -> dict:
-    scores = pd.read_parquet(eval_dir / "metrics.parquet").set_index("model")
-    bench = pd.read_parquet(bench_dir / "benchmark.parquet").set_index("model")
-    if reference not in scores.index or reference not in bench.index:
-        raise StageInputError(f"the report needs a {reference!r} row in both the evaluation and the benchmark")
-    ref_score, ref_rate = scores.loc[reference, "score"], bench.loc[reference, "sequences_per_second"]
-    lines = [
-        f"# {cfg.profile}: {cfg.task.name} ({scores.loc[reference, 'split']}, {int(scores.loc[reference, 'rows'])} rows)",
-        "",
-        "| model | score | retention % | params (M) | size (MB) | seq/s | speed-up |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    rows = []
-    for name in scores.index:
-        score, rate = scores.loc[name, "score"], bench.loc[name, "sequences_per_second"]
-        retention = 100.0 * score / ref_score if ref_score else float("nan")
-        speedup = rate / ref_rate
-        rows.append({"model": name, "score": score, "retention": retention, "speedup": speedup})
-        lines.append(
-            f"| {name} | {score:.2f} | {retention:.1f} | {bench.loc[name, 'params'] / 1e6:.1f} | "
-            f"{bench.loc[name, 'disk_mb']:.1f} | {rate:.1f} | {speedup:.2f}x |"
-        )
-    lines += ["", f"Benchmark: batch {cfg.benchmark.batch_size} x seq {cfg.benchmark.seq_len}, "
-              f"{int(bench.iloc[0]['threads'])} threads, median of {cfg.benchmark.repeats} interleaved runs."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    pd.DataFrame(rows).to_parquet(out / "summary.parquet", index=False)
-    return {f"{r['model']}_retention": round(float(r["retention"]), 2) for r in rows}
+def report(
+    cfg: PipelineConfig,
+    eval_dir: Path,
+    bench_dir: Path,
+    out: Path,
+    training: dict[str, Path] | None = None,
+    reference: str = "teacher",
+) -> dict:
+    """report.md, pareto.png, loss_curves.png and summary.parquet of one flow run (kd_core.report)."""
+    from kd_core.report import write_report
+
+    histories = {}
+    for stage, stage_dir in (training or {}).items():
+        history = stage_dir / "history.parquet"
+        if not history.is_file():
+            raise StageInputError(f"training stage {stage} has no {history}; rerun it (kd stage {stage})")
+        histories[stage] = pd.read_parquet(history)
+    summary = write_report(
+        out,
+        f"{cfg.profile}: {cfg.task.name}",
+        pd.read_parquet(_existing(eval_dir / "metrics.parquet")),
+        pd.read_parquet(_existing(bench_dir / "benchmark.parquet")),
+        histories,
+        report_cells(cfg),
+        reference,
+    )
+    result = {}
+    for row in summary.itertuples():
+        suffix = "" if row.split == cfg.task.eval_split else f"_{row.split}"
+        result[f"{row.model}{suffix}_retention"] = round(float(row.retention), 2)
+        if np.isfinite(row.speedup):
+            result[f"{row.model}{suffix}_speedup"] = round(float(row.speedup), 3)
+    return result
 
 
-def domain_report(cfg: PipelineConfig, evaluations: dict[str, Path], out: Path) -> dict:
-    """One row per domain and model: score on that domain's dev split."""
-    frames = []
-    for domain, eval_dir in evaluations.items():
-        frame = pd.read_parquet(eval_dir / "metrics.parquet")
-        frame.insert(0, "domain", domain)
-        frames.append(frame)
-    table = pd.concat(frames, ignore_index=True)
-    table.to_parquet(out / "domains.parquet", index=False)
-    lines = [f"# {cfg.profile}: per-domain scores ({cfg.task.eval_split})", "", "| domain | model | rows | score |", "|---|---|---|---|"]
-    lines += [f"| {r.domain} | {r.model} | {int(r.rows)} | {r.score:.2f} |" for r in table.itertuples()]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    return {f"{r.domain}_{r.model}_score": round(float(r.score), 4) for r in table.itertuples()}
+def report_cells(cfg: PipelineConfig):
+    """The benchmark cells the report reads: eager (else the first variant measured) at the config's cells."""
+    from kd_core.report import BenchmarkCells
+
+    section = cfg.benchmark
+    variant = "eager" if "eager" in section.variants else section.variants[0]
+    return BenchmarkCells(section.batch_size, section.seq_len, section.latency_batch, variant)
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise StageInputError(f"expected {path}; rerun the upstream stage")
+    return path
+

@@ -7,7 +7,7 @@ find a stage's inputs in the store without running anything.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -76,8 +76,9 @@ FINETUNE_TEACHER = StageDef(
 )
 
 
-def _evaluation_stages(student_stage: str) -> list[StageDef]:
-    """evaluate, benchmark and report of the fine-tuned teacher against ``student_stage``."""
+def _evaluation_stages(student_stage: str, training: tuple[str, ...] = ()) -> list[StageDef]:
+    """evaluate, benchmark and report of the fine-tuned teacher against ``student_stage``; the
+    report also reads the ``training`` stages' loss histories."""
     return [
         StageDef(
             "evaluate",
@@ -94,17 +95,31 @@ def _evaluation_stages(student_stage: str) -> list[StageDef]:
         ),
         StageDef(
             "report",
-            ("evaluate", "benchmark"),
-            lambda c: {"profile": c.profile, "task": c.task.name},
-            lambda c, evaluation, bench, out, work, cb: core.report(c, evaluation, bench, out),
+            ("evaluate", "benchmark", *training),
+            lambda c: {"profile": c.profile, "task": c.task.name, "cells": asdict(core.report_cells(c))},
+            lambda c, evaluation, bench, *rest: core.report(c, evaluation, bench, rest[-3], dict(zip(training, rest[:-3]))),
         ),
     ]
+
+
+def _with_evaluation(stages: list[StageDef], student_stage: str) -> list[StageDef]:
+    """``stages`` then evaluate, benchmark and a report that reads every training stage among them."""
+    return stages + _evaluation_stages(student_stage, tuple(s.name for s in stages if s.trains))
+
+
+def report_training_inputs(flow_name: str, cfg: PipelineConfig, produced: dict) -> list:
+    """The training results the report stage takes after evaluate and benchmark, in its input order."""
+    wanted = dag_for(flow_name, cfg)["report"].inputs[2:]
+    missing = [name for name in wanted if name not in produced]
+    if missing:
+        raise ValueError(f"the {flow_name} report reads the training stages {list(wanted)}; the flow did not pass {missing}")
+    return [produced[name] for name in wanted]
 
 
 def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:
     task_distill_section = lambda c: {"task": c.task.name, "max_seq_length": c.task.max_seq_length,  # noqa: E731
                                       "task_distill": _dump(c.task_distill)}
-    return [
+    return _with_evaluation([
         PREPARE_CORPUS,
         StageDef(
             "general_distill",
@@ -139,8 +154,23 @@ def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:
             register_as="student",
             trains=True,
         ),
-        *_evaluation_stages("task_distill_prediction"),
-    ]
+    ], "task_distill_prediction")
+
+
+def _finetune_student_stage(cfg: PipelineConfig) -> StageDef:
+    """Fine-tuning of the general student; a distilling recipe (DistilBERT baseline) also reads
+    the fine-tuned teacher, and its key then includes the mapping that pairs their layers."""
+    section = lambda c: {"task": c.task.name, "max_seq_length": c.task.max_seq_length,  # noqa: E731
+                         "finetune_student": _dump(c.finetune_student),
+                         **({"mapping": _dump(c.task_distill.mapping)} if c.finetune_student.needs_teacher else {})}
+    teacher = ("finetune_teacher",) if cfg.finetune_student.needs_teacher else ()
+
+    def run(c, student, task, *rest):
+        *teacher_dir, out, work, cb = rest
+        return core.finetune_student(c, student, task, out, work, cb, teacher_dir=(teacher_dir or [None])[0])
+
+    return StageDef("finetune_student", ("minilm_distill", "prepare_task", *teacher), section, run,
+                    register_as="student", trains=True)
 
 
 def minilm_dag(cfg: PipelineConfig) -> list[StageDef]:
@@ -174,20 +204,11 @@ def minilm_dag(cfg: PipelineConfig) -> list[StageDef]:
             register_as="general-student",
             trains=True,
         ))
-    return stages + [
+    return _with_evaluation(stages + [
         PREPARE_TASK,
         FINETUNE_TEACHER,
-        StageDef(
-            "finetune_student",
-            ("minilm_distill", "prepare_task"),
-            lambda c: {"task": c.task.name, "max_seq_length": c.task.max_seq_length,
-                       "finetune_student": _dump(c.finetune_student)},
-            lambda c, student, task, out, work, cb: core.finetune_student(c, student, task, out, work, cb),
-            register_as="student",
-            trains=True,
-        ),
-        *_evaluation_stages("finetune_student"),
-    ]
+        _finetune_student_stage(cfg),
+    ], "finetune_student")
 
 
 def _for_domain(stage: StageDef, domain: str, inputs: tuple[str, ...]) -> StageDef:
@@ -204,38 +225,22 @@ def _for_domain(stage: StageDef, domain: str, inputs: tuple[str, ...]) -> StageD
     )
 
 
-def _domain_report(c: PipelineConfig, *args):
-    *evaluations, out, _work, _callbacks = args
-    return core.domain_report(c, dict(zip(c.meta_kd.domains, evaluations)), out)
-
-
 def metakd_dag(cfg: PipelineConfig) -> list[StageDef]:
-    """The Meta-KD flow's per-domain part: each domain's data, its single-domain teacher and
-    that teacher's dev score. The meta-teacher and meta-distillation stages join here."""
-    evaluate_teacher = StageDef(
-        "evaluate",
-        ("finetune_teacher", "prepare_task"),
-        lambda c: {"task": _dump(c.task)},
-        lambda c, teacher, task, out, work, cb: core.evaluate(c, {"teacher": teacher}, task, out),
-    )
-    stages = []
-    for domain in cfg.meta_kd.domains:
-        stages += [
-            _for_domain(PREPARE_TASK, domain, ()),
-            _for_domain(FINETUNE_TEACHER, domain, (f"prepare_task@{domain}",)),
-            _for_domain(evaluate_teacher, domain, (f"finetune_teacher@{domain}", f"prepare_task@{domain}")),
-        ]
-    evaluations = tuple(f"evaluate@{d}" for d in cfg.meta_kd.domains)
-    stages.append(StageDef(
-        "report",
-        evaluations,
-        lambda c: {"profile": c.profile, "domains": list(c.meta_kd.domains)},
-        _domain_report,
-    ))
-    return stages
+    """Meta-KD across the Amazon domains: teachers, three students per (target, fraction, seed),
+    evaluations and the report (stage table in tasks.metakd_dag)."""
+    from tasks.metakd_dag import metakd_dag as build  # imported late: tasks.metakd_dag builds on this module
+
+    return build(cfg)
 
 
-DAGS = {"tinybert-full": tinybert_dag, "minilm": minilm_dag, "meta-kd": metakd_dag}
+def squad_dag(cfg: PipelineConfig) -> list[StageDef]:
+    """SQuAD: QA teacher, general + QA task distillation, EM/F1 (stage table in tasks.qa_dag)."""
+    from tasks.qa_dag import squad_dag as build  # imported late: tasks.qa_dag builds on this module
+
+    return build(cfg)
+
+
+DAGS = {"tinybert-full": tinybert_dag, "minilm": minilm_dag, "meta-kd": metakd_dag, "squad-distill": squad_dag}
 
 
 def dag_for(flow_name: str, cfg: PipelineConfig) -> dict[str, StageDef]:
@@ -245,5 +250,6 @@ def dag_for(flow_name: str, cfg: PipelineConfig) -> dict[str, StageDef]:
 
 
 def stage_matches(force: list[str], name: str) -> bool:
-    """``force=["task_distill"]`` covers both task_distill steps."""
-    return any(name == f or name.startswith(f + "_") for f in force)
+    """``force=["task_distill"]`` covers both task_distill steps; ``force=["meta_distill"]`` every
+    ``meta_distill@<domain>/...`` node, ``force=["meta_distill@books"]`` that domain's."""
+    return any(name == f or name.startswith((f + "_", f + "@", f + "/")) for f in force)

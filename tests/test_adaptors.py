@@ -334,7 +334,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="takes no layer"):
         out.feature("embeddings", 1)
     assert set(FEATURE_NAMES) == {"embeddings", "hidden", "attention_scores", "attention_probs", "query", "key",
-                                  "value", "query_merged", "key_merged", "value_merged", "logits"}
+                                  "value", "query_merged", "key_merged", "value_merged", "logits", "qa_logits"}
 
     gpt2 = GPT2Model(GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=1, n_head=HEADS, n_positions=16))
     with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'.*bert, roberta, mpnet, distilbert"):

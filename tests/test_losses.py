@@ -539,11 +539,13 @@ def test_registry_names_and_projection_flag():
         "logits_mse",
         "hard_cross_entropy",
         "regression_mse",
+        "qa_soft_cross_entropy",
+        "qa_hard_cross_entropy",
     }
     for name, spec in LOSSES.items():
         assert isinstance(spec, LossSpec) and spec.name == name
         assert spec.accepts_projection == (name == "hidden_mse")
-        assert spec.uses_labels == (name in ("hard_cross_entropy", "regression_mse"))
+        assert spec.uses_labels == (name in ("hard_cross_entropy", "regression_mse", "qa_hard_cross_entropy"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         LOSSES["cosine"].accepts_projection = True  # type: ignore[misc]
 

@@ -18,6 +18,7 @@ from ._common import select_valid_positions
 from .distilbert import cosine_embedding_loss, kl_divergence_loss
 from .hard import hard_cross_entropy, regression_mse
 from .minilm import minilm_attention_kl, minilm_value_relation_kl, minilmv2_relation_kl
+from .qa import qa_hard_cross_entropy, qa_soft_cross_entropy
 from .tinybert import attention_mse, hidden_mse, soft_cross_entropy
 
 __all__ = ["LossSpec", "LOSSES", "get_loss"]
@@ -31,12 +32,15 @@ class LossSpec:
     projection can be passed as ``projection=`` (only width-matching losses).
     ``uses_labels`` marks ground-truth losses: the trainer passes the batch labels in place
     of the teacher feature.
+    ``per_example`` marks losses whose ``fn`` also takes ``reduction="none"`` and then returns
+    ``[B]`` per-example terms whose mean is the scalar loss (per-instance weighting, Meta-KD).
     """
 
     name: str
     fn: Callable[..., Tensor]
     accepts_projection: bool = False
     uses_labels: bool = False
+    per_example: bool = False
 
     def __call__(
         self,
@@ -51,18 +55,20 @@ class LossSpec:
 # Adapters are module-level functions (not lambdas) so specs stay picklable.
 
 
-def _attention_mse(student, teacher, attention_mask=None):
-    return attention_mse(student, teacher, attention_mask)
+def _attention_mse(student, teacher, attention_mask=None, *, reduction="mean"):
+    return attention_mse(student, teacher, attention_mask, reduction=reduction)
 
 
-def _hidden_mse(student, teacher, attention_mask=None, *, projection=None):
-    return hidden_mse(student, teacher, projection=projection, attention_mask=attention_mask)
+def _hidden_mse(student, teacher, attention_mask=None, *, projection=None, reduction="mean"):
+    return hidden_mse(student, teacher, projection=projection, attention_mask=attention_mask, reduction=reduction)
 
 
-def _soft_cross_entropy(student, teacher, attention_mask=None, *, temperature=1.0):
+def _soft_cross_entropy(student, teacher, attention_mask=None, *, temperature=1.0, reduction="mean"):
+    if reduction == "none" and student.dim() != 2:
+        raise ValueError("soft_cross_entropy: per-example values need sequence-level [B, C] logits")
     student = select_valid_positions(student, attention_mask)
     teacher = select_valid_positions(teacher, attention_mask)
-    return soft_cross_entropy(student, teacher, temperature)
+    return soft_cross_entropy(student, teacher, temperature, reduction=reduction)
 
 
 def _minilm_attention_kl(student, teacher, attention_mask=None):
@@ -100,12 +106,20 @@ def _logits_mse(student, teacher, attention_mask=None):
     return ((student.float() - teacher.float()) ** 2).mean()
 
 
+def _qa_soft_cross_entropy(student, teacher, attention_mask=None, *, temperature=1.0):
+    return qa_soft_cross_entropy(student, teacher, attention_mask, temperature)
+
+
+def _qa_hard_cross_entropy(student, positions, attention_mask=None):
+    return qa_hard_cross_entropy(student, positions, attention_mask)
+
+
 LOSSES: dict[str, LossSpec] = {
     spec.name: spec
     for spec in (
-        LossSpec("attention_mse", _attention_mse),
-        LossSpec("hidden_mse", _hidden_mse, accepts_projection=True),
-        LossSpec("soft_cross_entropy", _soft_cross_entropy),
+        LossSpec("attention_mse", _attention_mse, per_example=True),
+        LossSpec("hidden_mse", _hidden_mse, accepts_projection=True, per_example=True),
+        LossSpec("soft_cross_entropy", _soft_cross_entropy, per_example=True),
         LossSpec("minilm_attention_kl", _minilm_attention_kl),
         LossSpec("minilm_value_relation_kl", _minilm_value_relation_kl),
         LossSpec("minilmv2_relation_kl", _minilmv2_relation_kl),
@@ -114,6 +128,8 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec("logits_mse", _logits_mse),
         LossSpec("hard_cross_entropy", _hard_cross_entropy, uses_labels=True),
         LossSpec("regression_mse", _regression_mse, uses_labels=True),
+        LossSpec("qa_soft_cross_entropy", _qa_soft_cross_entropy),
+        LossSpec("qa_hard_cross_entropy", _qa_hard_cross_entropy, uses_labels=True),
     )
 }
 

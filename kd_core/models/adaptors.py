@@ -58,7 +58,7 @@ _NOT_BERT_LIKE = {"roformer", "esm", "nezha", "deberta", "deberta-v2", "albert",
 _LAYER_FEATURES = ("attention_scores", "attention_probs", "query", "key", "value") + tuple(
     f"{n}_merged" for n in ("query", "key", "value")
 )
-FEATURE_NAMES: tuple[str, ...] = ("embeddings", "hidden", *_LAYER_FEATURES, "logits")
+FEATURE_NAMES: tuple[str, ...] = ("embeddings", "hidden", *_LAYER_FEATURES, "logits", "qa_logits")
 
 
 def _get_path(module: nn.Module, path: str):
@@ -198,6 +198,13 @@ class EncoderInternals:
     def logits(self) -> Tensor | None:
         return getattr(self.output, "logits", None)
 
+    @property
+    def qa_logits(self) -> Tensor | None:
+        """[B, 2, T]: a question-answering head's start (row 0) and end (row 1) logits."""
+        start = getattr(self.output, "start_logits", None)
+        end = getattr(self.output, "end_logits", None)
+        return None if start is None or end is None else torch.stack((start, end), dim=1)
+
     # -- by name --------------------------------------------------------------------------------
     def feature(self, name: str, layer: int | None = None) -> Tensor:
         """Any captured feature by name; see FEATURE_NAMES."""
@@ -215,6 +222,16 @@ class EncoderInternals:
                     "use a model with a task head"
                 )
             return logits
+        if name == "qa_logits":
+            if layer is not None:
+                raise ValueError(f"feature 'qa_logits' takes no layer, got {layer!r}")
+            spans = self.qa_logits
+            if spans is None:
+                raise ValueError(
+                    f"feature 'qa_logits' requested but the model output ({type(self.output).__name__}) has no "
+                    "start/end logits; use a model with a question-answering head"
+                )
+            return spans
         if name == "hidden":
             return self.hidden(layer)
         if name == "attention_scores":

@@ -100,20 +100,40 @@ def _recipe_finetune(mapped: list[int], params: dict) -> list[MatchSpec]:
     return [MatchSpec(feature="logits", loss=loss)]
 
 
+def _last_hidden_cosine(mapped: list[int], weight: float) -> MatchSpec:
+    return MatchSpec(feature="hidden", loss="cosine", student_layer=len(mapped), teacher_layer=mapped[-1], weight=weight)
+
+
 def _recipe_distilbert(mapped: list[int], params: dict) -> list[MatchSpec]:
     # DistilBERT: soft targets (KL·T², weight 5) + cosine on the last hidden states (weight 1).
     # Its MLM term needs a teacher MLM head and labels; it lives in the task stages.
-    temperature = params.get("temperature", 2.0)
-    return [
-        MatchSpec(feature="logits", loss="kl_div", weight=params.get("alpha_ce", 5.0), params={"temperature": temperature}),
-        MatchSpec(
-            feature="hidden",
-            loss="cosine",
-            student_layer=len(mapped),
-            teacher_layer=mapped[-1],
-            weight=params.get("alpha_cos", 1.0),
-        ),
-    ]
+    # Regression heads have one output and no distribution: their soft target is the teacher's value.
+    if params.get("regression"):
+        logits = MatchSpec(feature="logits", loss="logits_mse", weight=params.get("alpha_ce", 5.0))
+    else:
+        logits = MatchSpec(feature="logits", loss="kl_div", weight=params.get("alpha_ce", 5.0),
+                           params={"temperature": params.get("temperature", 2.0)})
+    return [logits, _last_hidden_cosine(mapped, params.get("alpha_cos", 1.0))]
+
+
+def _recipe_distilbert_cosine(mapped: list[int], params: dict) -> list[MatchSpec]:
+    # The part of DistilBERT's pre-training objective a bare encoder supports: no teacher MLM head
+    # exists offline (minilm-l6 is a sentence encoder), so its soft targets come at the task stage.
+    return [_last_hidden_cosine(mapped, params.get("alpha_cos", 1.0))]
+
+
+def _recipe_qa_finetune(mapped: list[int], params: dict) -> list[MatchSpec]:
+    # Extractive QA: start/end cross-entropy against the gold token positions (labels [B, 2]).
+    return [MatchSpec(feature="qa_logits", loss="qa_hard_cross_entropy")]
+
+
+def _recipe_qa_prediction(mapped: list[int], params: dict) -> list[MatchSpec]:
+    # TinyBERT's prediction-layer step for QA: soft CE on the start and end distributions,
+    # plus the gold positions when hard_weight > 0.
+    specs = [MatchSpec(feature="qa_logits", loss="qa_soft_cross_entropy", params={"temperature": params.get("temperature", 1.0)})]
+    if params.get("hard_weight", 0.0) > 0:
+        specs.append(MatchSpec(feature="qa_logits", loss="qa_hard_cross_entropy", weight=params["hard_weight"]))
+    return specs
 
 
 RECIPES = {
@@ -122,7 +142,10 @@ RECIPES = {
     "minilm": _recipe_minilm,
     "minilmv2": _recipe_minilmv2,
     "distilbert": _recipe_distilbert,
+    "distilbert_cosine": _recipe_distilbert_cosine,
     "finetune": _recipe_finetune,
+    "qa_finetune": _recipe_qa_finetune,
+    "qa_prediction": _recipe_qa_prediction,
 }
 
 
@@ -152,10 +175,11 @@ class ModelShape:
 
 _HIDDEN_FEATURES = {"embeddings", "hidden"}
 _HEADED_FEATURES = {"attention_scores", "attention_probs", "query", "key", "value"}
+_OUTPUT_FEATURES = {"logits", "qa_logits"}  # model outputs: no layer, comparable with labels
 
 
 def term_name(spec: MatchSpec) -> str:
-    if spec.feature in ("logits", "embeddings"):
+    if spec.feature in _OUTPUT_FEATURES or spec.feature == "embeddings":
         return f"{spec.feature}:{spec.loss}"
     return f"{spec.feature}[{spec.student_layer}<-{spec.teacher_layer}]:{spec.loss}"
 
@@ -187,12 +211,12 @@ class Objective(nn.Module):
     def _validate(spec: MatchSpec, loss, student: ModelShape, teacher: ModelShape | None) -> None:
         name = term_name(spec)
         if loss.uses_labels:
-            if spec.feature != "logits":
-                raise MappingError(f"match {name}: {spec.loss} compares logits with the labels; set feature 'logits'")
+            if spec.feature not in _OUTPUT_FEATURES:
+                raise MappingError(f"match {name}: {spec.loss} compares logits with the labels; set feature 'logits' (or 'qa_logits')")
             return
         if teacher is None:
             raise MappingError(f"match {name}: {spec.loss} needs a teacher, and this objective has none")
-        if spec.feature not in ("logits", "embeddings"):
+        if spec.feature not in _OUTPUT_FEATURES and spec.feature != "embeddings":
             low = 0 if spec.feature == "hidden" else 1
             for who, layer, shape in (("student", spec.student_layer, student), ("teacher", spec.teacher_layer, teacher)):
                 if layer is None or not low <= layer <= shape.num_layers:
