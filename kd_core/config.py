@@ -194,6 +194,12 @@ class MiniLMSection(GeneralDistillSection):
         "auto", description="auto: use one when the student is at most half the teacher in depth and width"
     )
 
+    @field_validator("assistant", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on/off (`-p minilm.assistant=off`, `assistant: off`) as a boolean
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 class TaskSection(StrictModel):
     name: str = "sst2"

@@ -281,7 +281,7 @@ def markdown(title: str, summary: pd.DataFrame, view: pd.DataFrame, notes: list[
         "",
         "![score against latency](pareto.png)",
         "",
-        "Loss curves per training stage: " + (", ".join(f"{s} ({len(h)} steps)" for s, h in histories.items()) or "none"),
+        "Loss curves per training stage: " + (", ".join(f"{s} ({int(h['step'].max()) if len(h) else 0} steps)" for s, h in histories.items()) or "none"),
         "",
         "![loss curves](loss_curves.png)",
     ]

@@ -18,6 +18,7 @@ from tasks.stages import (
     _evaluation_stages,
     _task_folder,
     source_fingerprint,
+    task_distill_steps,
     tinybert_dag,
 )
 
@@ -60,25 +61,8 @@ def squad_dag(cfg: PipelineConfig) -> list[StageDef]:
             trains=True,
             task_of=qa.qa_task_name,
         ),
-        StageDef(
-            "task_distill_qa_intermediate",
-            ("finetune_teacher_qa", "general_distill", "prepare_qa"),
-            _task_distill_section,
-            lambda c, teacher, student, data, out, work, cb: qa.task_distill_qa(
-                c, "intermediate", teacher, student, data, out, work, cb),
-            trains=True,
-            task_of=qa.qa_task_name,
-        ),
-        StageDef(
-            "task_distill_qa_prediction",
-            ("finetune_teacher_qa", "task_distill_qa_intermediate", "prepare_qa"),
-            _task_distill_section,
-            lambda c, teacher, student, data, out, work, cb: qa.task_distill_qa(
-                c, "prediction", teacher, student, data, out, work, cb),
-            register_as="student",
-            trains=True,
-            task_of=qa.qa_task_name,
-        ),
+        *task_distill_steps("task_distill_qa", "finetune_teacher_qa", "general_distill", "prepare_qa",
+                            _task_distill_section, qa.task_distill_qa, task_of=qa.qa_task_name),
         StageDef(
             "evaluate_qa",
             ("finetune_teacher_qa", "task_distill_qa_prediction", "prepare_qa"),

@@ -116,6 +116,20 @@ def report_training_inputs(flow_name: str, cfg: PipelineConfig, produced: dict) 
     return [produced[name] for name in wanted]
 
 
+def task_distill_steps(prefix: str, teacher: str, student: str, data: str, section, run, **stage_kwargs) -> list[StageDef]:
+    """TinyBERT's two task-distillation steps, ``<prefix>_intermediate`` then ``<prefix>_prediction``;
+    ``run(cfg, step, teacher_dir, student_dir, data_dir, out, work, callbacks)`` does either."""
+    intermediate, prediction = f"{prefix}_intermediate", f"{prefix}_prediction"
+    return [
+        StageDef(intermediate, (teacher, student, data), section,
+                 lambda c, t, s, d, out, work, cb: run(c, "intermediate", t, s, d, out, work, cb),
+                 trains=True, **stage_kwargs),
+        StageDef(prediction, (teacher, intermediate, data), section,
+                 lambda c, t, s, d, out, work, cb: run(c, "prediction", t, s, d, out, work, cb),
+                 register_as="student", trains=True, **stage_kwargs),
+    ]
+
+
 def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:
     task_distill_section = lambda c: {"task": c.task.name, "max_seq_length": c.task.max_seq_length,  # noqa: E731
                                       "task_distill": _dump(c.task_distill)}
@@ -137,23 +151,8 @@ def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:
             lambda c: {"teacher": c.teacher, "augment": _dump(c.augment)},
             lambda c, task, out, work, cb: core.augment(c, task, out),
         ),
-        StageDef(
-            "task_distill_intermediate",
-            ("finetune_teacher", "general_distill", "augment"),
-            task_distill_section,
-            lambda c, teacher, student, data, out, work, cb: core.task_distill(
-                c, "intermediate", teacher, student, data, out, work, cb),
-            trains=True,
-        ),
-        StageDef(
-            "task_distill_prediction",
-            ("finetune_teacher", "task_distill_intermediate", "augment"),
-            task_distill_section,
-            lambda c, teacher, student, data, out, work, cb: core.task_distill(
-                c, "prediction", teacher, student, data, out, work, cb),
-            register_as="student",
-            trains=True,
-        ),
+        *task_distill_steps("task_distill", "finetune_teacher", "general_distill", "augment",
+                            task_distill_section, core.task_distill),
     ], "task_distill_prediction")
 
 

@@ -89,3 +89,14 @@ def test_distilbert_baseline_initialises_from_teacher_layers_and_distils_the_tas
     assert history["loss"].to_numpy() == pytest.approx(expected.to_numpy(), rel=1e-5)
     manifest = json.loads((distilled[0] / "manifest.json").read_text())
     assert "finetune_teacher" in manifest["inputs"]
+
+
+@pytest.mark.parametrize("text, expected", [("off", "off"), ("on", "on"), ("auto", "auto"), ('"off"', "off")])
+def test_assistant_override_survives_yaml_booleans(text, expected):
+    # YAML 1.1 reads a bare off/on as False/True; `-p minilm.assistant=off` must still mean "off"
+    from kd_core.config import PipelineConfig, parse_override, set_dotted
+
+    key, value = parse_override(f"minilm.assistant={text}")
+    tree: dict = {}
+    set_dotted(tree, key, value)
+    assert PipelineConfig.model_validate(tree).minilm.assistant == expected

@@ -212,26 +212,18 @@ class EncoderInternals:
             if layer not in (None, 0):
                 raise ValueError(f"feature 'embeddings' takes no layer (or 0), got {layer!r}")
             return self.embeddings()
-        if name == "logits":
+        heads = {"logits": ("logits", "a task head"), "qa_logits": ("start/end logits", "a question-answering head")}
+        if name in heads:
             if layer is not None:
-                raise ValueError(f"feature 'logits' takes no layer, got {layer!r}")
-            logits = self.logits
-            if logits is None:
+                raise ValueError(f"feature {name!r} takes no layer, got {layer!r}")
+            value = getattr(self, name)
+            if value is None:
+                what, head = heads[name]
                 raise ValueError(
-                    f"feature 'logits' requested but the model output ({type(self.output).__name__}) has no logits; "
-                    "use a model with a task head"
+                    f"feature {name!r} requested but the model output ({type(self.output).__name__}) has no {what}; "
+                    f"use a model with {head}"
                 )
-            return logits
-        if name == "qa_logits":
-            if layer is not None:
-                raise ValueError(f"feature 'qa_logits' takes no layer, got {layer!r}")
-            spans = self.qa_logits
-            if spans is None:
-                raise ValueError(
-                    f"feature 'qa_logits' requested but the model output ({type(self.output).__name__}) has no "
-                    "start/end logits; use a model with a question-answering head"
-                )
-            return spans
+            return value
         if name == "hidden":
             return self.hidden(layer)
         if name == "attention_scores":
