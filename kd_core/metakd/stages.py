@@ -261,6 +261,99 @@ def meta_scores(teacher_dir: Path, domain: str, idx: pd.Series) -> list[float]:
     return [float(v) for v in scores]
 
 
+def student_config(cfg: PipelineConfig, teacher_layers: int):
+    """``meta_kd.student``; copied teacher layers default to the ones the student imitates."""
+    student = cfg.meta_kd.student
+    if student.init == "teacher_layers" and student.init_layers is None:
+        mapped = map_layers(cfg.meta_kd.mapping, student.num_layers, teacher_layers)
+        student = student.model_copy(update={"init_layers": mapped})
+    return student
+
+
+def distill_student(
+    cfg: PipelineConfig,
+    method: str,
+    teacher_dir: Path,
+    task_dir: Path,
+    target: str,
+    fraction: float,
+    seed: int,
+    out: Path,
+    work: Path,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
+    """One student on the target's (subsampled) train rows, in TinyBERT's two steps:
+    ``meta_kd.distill`` on the intermediate matches (Meta-KD: λ-weighted, plus γ2 · transfer),
+    then ``meta_kd.prediction`` on the teacher's cached logits (Meta-KD: λ-weighted)."""
+    if method not in STUDENT_METHODS:
+        raise StageInputError(f"student method must be one of {STUDENT_METHODS}, got {method!r}")
+    section = cfg.meta_kd
+    spec = _spec(target)
+    model_dir = Path(teacher_dir) / MODEL_SUBDIR
+    tokenizer = load_tokenizer(model_dir)
+    teacher = _load_classifier(model_dir, spec)
+    rows = subsample_fraction(_read_rows(Path(task_dir) / "train.parquet"), fraction, section.subsample_seed)
+    index = section.domains.index(target)
+    examples = attach_rows(encode_examples(rows, tokenizer, cfg.task.max_seq_length), [index] * len(rows))
+    for example, logits in zip(examples, cached_logits(teacher_dir, target, rows["idx"])):
+        example["teacher_logits"] = logits
+    if method == "meta":
+        for example, score in zip(examples, meta_scores(teacher_dir, target, rows["idx"])):
+            example["score"] = score
+    t_shape = shape_of(teacher)
+    torch.manual_seed(seed)
+    with quiet_transformers():
+        base = load_model(cfg.teacher)
+        student = build_student(base, student_config(cfg, shape_of(base).num_layers), head="sequence_classification",
+                                **_task_head_kwargs(spec))
+    del base
+    s_shape = shape_of(student)
+    specs = tinybert_intermediate_matches(section.mapping, s_shape, t_shape)
+    extra = {"method": method, "target": target, "fraction": fraction, "seed": seed}
+    if method == "meta":
+        head, _, info = load_meta_head(model_dir)
+        if info["domains"] != section.domains:
+            raise StageInputError(f"the meta-teacher was trained on domains {info['domains']}, this config has {section.domains}")
+        objective = MetaDistillObjective(specs, s_shape, t_shape, head, section.gamma2)
+        extra["gamma2"] = section.gamma2
+    else:
+        objective = WeightedDistillObjective(specs, s_shape, t_shape)
+    intermediate = DomainBatchTrainer(teacher, student, objective, examples, section.distill.model_copy(update={"seed": seed}),
+                                      Path(work) / "intermediate", tokenizer.pad_token_id, callbacks, fingerprint_extra=extra)
+    first = intermediate.train()
+    del intermediate, teacher
+    offset = _StepOffset(callbacks, first.steps)
+    prediction = DomainBatchTrainer(None, student, PredictionObjective(s_shape, t_shape, section.temperature, method == "meta"),
+                                    examples, section.prediction.model_copy(update={"seed": seed}), Path(work) / "prediction",
+                                    tokenizer.pad_token_id, [offset], fingerprint_extra=extra)
+    second = prediction.train()
+    prediction.save_student(out / MODEL_SUBDIR, tokenizer, atomic=False)
+    history = pd.concat([pd.DataFrame(first.history).assign(phase="intermediate"),
+                         pd.DataFrame(second.history).assign(phase="prediction", step=lambda h: h["step"] + first.steps)],
+                        ignore_index=True)
+    if prediction.accelerator.is_main_process:
+        history.to_parquet(out / "history.parquet", index=False)
+    seconds = first.train_seconds + second.train_seconds
+    return {
+        "method": method, "rows": len(rows), "seed": seed, "world_size": prediction.accelerator.num_processes,
+        "intermediate_steps": first.steps, "prediction_steps": second.steps,
+        "intermediate_final_loss": first.final_loss, "prediction_final_loss": second.final_loss,
+        "train_seconds": round(seconds, 3), "sequences_per_second": round((first.sequences + second.sequences) / seconds, 3) if seconds else 0.0,
+        "student_params": sum(p.numel() for p in student.parameters()),
+    }
+
+
+class _StepOffset:
+    """Passes the prediction step's metrics on with steps counted after the intermediate step's."""
+
+    def __init__(self, callbacks: Sequence[TrainerCallback], offset: int):
+        self.callbacks, self.offset = list(callbacks), offset
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        for callback in self.callbacks:
+            callback.on_step(step + self.offset, {**metrics, "step": step + self.offset})
+
+
 def cached_logits(teacher_dir: Path, domain: str, idx: pd.Series) -> list[list[float]]:
     """The teacher's logits on ``domain``'s rows ``idx``, computed once in its stage."""
     logits = _rows_of(Path(teacher_dir) / LOGITS_FILE, "logits", domain, idx, "teacher",
