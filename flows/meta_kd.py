@@ -16,7 +16,6 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.run import pipeline_run, summarize
-from kd_core.models.registry import resolve_model
 from tasks.runtime import stage_task
 from tasks.stages import dag_for
 
@@ -28,9 +27,6 @@ FLOW_NAME = "meta-kd"
 @flow(name=FLOW_NAME, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=3))
 def meta_kd(profile: str = "smoke", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
     with pipeline_run(FLOW_NAME, profile, overrides, force) as (ctx, cfg):
-        # Materialise the teacher alias once, here: concurrent first uses (the first teacher and
-        # encode_domains start together) would each build and swap in tiny-random-bert's dir.
-        resolve_model(cfg.teacher)
         futures = {}
         for name, stage in dag_for(FLOW_NAME, cfg).items():
             futures[name] = stage_task(name).submit(ctx, cfg, *(futures[i] for i in stage.inputs))

@@ -9,7 +9,7 @@ from prefect import flow
 from flows.run import pipeline_run
 from kd_core.artifacts import Artifact
 from tasks.runtime import RunContext, stage_key, stage_task
-from tasks.stages import dag_for
+from tasks.stages import dag_for, stage_matches
 
 
 class MissingUpstreamError(LookupError):
@@ -36,9 +36,11 @@ def resolve_inputs(ctx: RunContext, cfg, name: str) -> list[Artifact]:
 
 
 def expand_stage_name(name: str, stages: list[str]) -> list[str]:
+    """A stage, or the nodes it names the way ``force`` does: ``task_distill`` (both steps),
+    ``meta_distill`` (every ``meta_distill@<domain>/...`` node) or ``meta_distill@books``."""
     if name in stages:
         return [name]
-    steps = [s for s in stages if s.startswith(name + "_")]
+    steps = [s for s in stages if stage_matches([name], s)]
     if not steps:
         raise ValueError(f"unknown stage {name!r}; stages: {', '.join(stages)}")
     return steps

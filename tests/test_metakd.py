@@ -345,3 +345,19 @@ def test_node_sections_name_their_fraction_and_seed():
     assert dag["meta_distill@dvd/f0.5/s1"].inputs == ("meta_teacher@dvd/f0.5", "prepare_task@dvd")
     each = load_profile("smoke", {"meta_kd.teacher_seeds": "each"})
     assert dag_for("meta-kd", each)["distill_single@books/f1.0/s2"].inputs[0] == "finetune_teacher@books/f1.0/s2"
+
+
+def test_kd_stage_names_expand_to_the_per_domain_nodes():
+    import pytest as _pytest
+
+    from flows.profiles import load_profile
+    from flows.single_stage import expand_stage_name
+    from tasks.stages import dag_for
+
+    stages = list(dag_for("meta-kd", load_profile("smoke", {"meta_kd.seeds": [1], "meta_kd.fractions": [1.0]})))
+    # smoke: domains books, dvd; one fraction, one seed -> one meta_distill node per domain
+    assert expand_stage_name("meta_distill", stages) == ["meta_distill@books/f1.0/s1", "meta_distill@dvd/f1.0/s1"]
+    assert expand_stage_name("meta_distill@dvd", stages) == ["meta_distill@dvd/f1.0/s1"]
+    assert expand_stage_name("meta_distill@dvd/f1.0/s1", stages) == ["meta_distill@dvd/f1.0/s1"]
+    with _pytest.raises(ValueError, match="unknown stage 'meta_dist'"):
+        expand_stage_name("meta_dist", stages)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,11 +102,21 @@ def assemble_mpnet(target: Path) -> Path:
     return target
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 def _tiny_random_bert() -> Path:
     """A 4x64 BERT with random weights and minilm-l6's real tokenizer, for smoke runs and tests."""
     target = kd_home() / "models" / "tiny-random-bert"
     if (target / "config.json").is_file():
         return target
+    with _BUILD_LOCK:  # concurrent stages of one flow must not build (and rename) it twice
+        if (target / "config.json").is_file():
+            return target
+        return _build_tiny_random_bert(target)
+
+
+def _build_tiny_random_bert(target: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
