@@ -91,7 +91,10 @@ def test_full_smoke_run_writes_every_stage(first_run, kd_home):
 def test_rerun_is_all_cached_and_fast(first_run, kd_home):
     _, first_elapsed = first_run
     _, elapsed, flow_run_id = run_flow()
-    assert elapsed * 10 < first_elapsed, (elapsed, first_elapsed)
+    # A cached rerun still pays ~1 s of Prefect + MLflow bookkeeping, and the smoke flow's first run
+    # takes 10-40 s depending on the machine's load, so the margin is 4x, not 10x (10x failed once
+    # at 10.5 s vs 1.07 s). Recomputing anything would cost about the first run again.
+    assert elapsed * 4 < first_elapsed, (elapsed, first_elapsed)
     assert stage_states(flow_run_id) == {stage: "Cached" for stage in STAGE_NAMES}
     for stage in STAGE_NAMES:
         assert len(artifacts(kd_home, stage)) == 1, stage
