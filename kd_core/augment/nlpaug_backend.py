@@ -223,10 +223,7 @@ class NlpaugAugmenter:
         for r in range(len(frame)):
             rows.add(text_a[r], text_b[r], labels[r], idxs[r], list(zip(copies_a[r], copies_b.get(r, [None] * cfg.n_aug))))
         out = rows.frame(frame["label"].dtype)
-        n = len(rows)
-        self.stats.rows_in += len(frame)
-        self.stats.rows_out += n
-        self.stats.seconds += time.perf_counter() - started
+        self.stats.record_call(len(frame), len(rows), started)
         return out
 
     def metadata(self) -> dict[str, Any]:

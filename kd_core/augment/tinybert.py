@@ -125,6 +125,12 @@ class Stats:
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
+    def record_call(self, rows_in: int, rows_out: int, started: float) -> None:
+        """One augment() call: its row counts and the time since ``started`` (perf_counter)."""
+        self.rows_in += rows_in
+        self.rows_out += rows_out
+        self.seconds += time.perf_counter() - started
+
 
 def _seed_sequence(seed: int, idx: int, side: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed) % (1 << 63), int(idx) % (1 << 63), side]))
@@ -319,10 +325,7 @@ class TinyBertAugmenter:
                     )
                 rows.add(text_a[r], text_b[r], labels[r], idxs[r], list(zip(copies_a, copies_b)))
         out = rows.frame(frame["label"].dtype)
-        n = len(rows)
-        self.stats.rows_in += len(frame)
-        self.stats.rows_out += n
-        self.stats.seconds += time.perf_counter() - started
+        self.stats.record_call(len(frame), len(rows), started)
         return out
 
     # ------------------------------------------------------------------ provenance
