@@ -179,6 +179,7 @@ class CorpusSection(StrictModel):
 
 
 class GeneralDistillSection(StrictModel):
+    enabled: bool = Field(True, description="false: the stage writes the student as initialised (the no-GD ablation)")
     recipe: str = "tinybert_intermediate"
     recipe_params: dict[str, Any] = Field(default_factory=dict)
     mapping: LayerMapping = Field(default_factory=LayerMapping)
@@ -243,7 +244,11 @@ class TaskDistillSection(StrictModel):
     intermediate: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=500, learning_rate=5e-5))
     prediction: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=300, learning_rate=3e-5))
     temperature: float = Field(1.0, gt=0)
-    skip_intermediate: bool = False
+    skip_intermediate: bool = Field(False, description="true: the intermediate step passes the student on untrained")
+    prediction_recipe: Literal["tinybert_prediction", "distilbert", "finetune"] = Field(
+        "tinybert_prediction",
+        description="the prediction step's loss: soft CE on the teacher's logits, DistilBERT's, or hard labels (no KD)",
+    )
 
 
 class MetaKDSection(StrictModel):

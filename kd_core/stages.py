@@ -75,6 +75,13 @@ def _finish_training(trainer: DistillTrainer, result: TrainResult, tokenizer, ou
     return _train_summary(result, trainer.accelerator.num_processes)
 
 
+def _untrained(out: Path, reason: str) -> dict:
+    """The summary (and the empty loss history the report reads) of a training stage switched off."""
+    pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64")}).to_parquet(
+        out / "history.parquet", index=False)
+    return {"steps": 0, "untrained": reason}
+
+
 # ---- corpus and general distillation ------------------------------------------------------------
 def prepare_corpus(cfg: PipelineConfig, out: Path) -> dict:
     from kd_core.data.corpus import prepare_corpus as write_shards
@@ -103,6 +110,10 @@ def distill_on_corpus(
     teacher = load_model(teacher_source)
     torch.manual_seed(section.train.seed)
     student = build_student(teacher, student_cfg)
+    if not section.enabled:
+        student.save_pretrained(out / MODEL_SUBDIR)
+        tokenizer.save_pretrained(out / MODEL_SUBDIR)
+        return _untrained(out, f"enabled=false: the student as initialised (init={student_cfg.init})")
     s_shape, t_shape = shape_of(student), shape_of(teacher)
     specs = expand_recipe(section.recipe, section.mapping, s_shape.num_layers, t_shape.num_layers, section.matches, section.recipe_params)
     objective = Objective(specs, s_shape, t_shape)
@@ -312,10 +323,13 @@ def task_distill(
         raise StageInputError(f"task_distill step must be intermediate or prediction, got {step!r}")
     section = cfg.task_distill
     if step == "intermediate":
+        if section.skip_intermediate:
+            shutil.copytree(student_dir / MODEL_SUBDIR, out / MODEL_SUBDIR)
+            return _untrained(out, "skip_intermediate=true: the student passed on as it came")
         return _distill_on_task(cfg, section.intermediate, section.recipe, section.mapping, section.recipe_params,
                                 teacher_dir, student_dir, data_dir, out, work, callbacks)
     params = {"temperature": section.temperature, "regression": get_task(cfg.task.name).is_regression}
-    return _distill_on_task(cfg, section.prediction, "tinybert_prediction", section.mapping, params,
+    return _distill_on_task(cfg, section.prediction, section.prediction_recipe, section.mapping, params,
                             teacher_dir, student_dir, data_dir, out, work, callbacks)
 
 
@@ -345,6 +359,8 @@ def _distill_on_task(
     objective = Objective(specs, s_shape, t_shape)
     _init_projections(objective, student_dir / MODEL_SUBDIR)
     examples = encode_examples(_read_rows(data_dir / "train.parquet"), tokenizer, cfg.task.max_seq_length)
+    # a hard-label recipe (the no-KD ablations) must not pay for the teacher's forward pass
+    teacher = teacher if objective.needs_teacher else None
     trainer = DistillTrainer(teacher, student, objective, examples, train, work, tokenizer.pad_token_id, callbacks)
     return _finish_training(trainer, trainer.train(), tokenizer, out)
 
