@@ -116,12 +116,22 @@ def report_training_inputs(flow_name: str, cfg: PipelineConfig, produced: dict) 
     return [produced[name] for name in wanted]
 
 
+PREDICTION_ONLY = ("prediction", "prediction_recipe", "temperature")  # task_distill keys the intermediate step never reads
+
+
 def task_distill_steps(prefix: str, teacher: str, student: str, data: str, section, run, **stage_kwargs) -> list[StageDef]:
     """TinyBERT's two task-distillation steps, ``<prefix>_intermediate`` then ``<prefix>_prediction``;
-    ``run(cfg, step, teacher_dir, student_dir, data_dir, out, work, callbacks)`` does either."""
+    ``run(cfg, step, teacher_dir, student_dir, data_dir, out, work, callbacks)`` does either.
+    The intermediate step's key leaves out the prediction step's settings, so changing those
+    reruns the prediction step alone."""
     intermediate, prediction = f"{prefix}_intermediate", f"{prefix}_prediction"
+
+    def intermediate_section(c: PipelineConfig) -> dict:
+        full = section(c)
+        return {**full, "task_distill": {k: v for k, v in full["task_distill"].items() if k not in PREDICTION_ONLY}}
+
     return [
-        StageDef(intermediate, (teacher, student, data), section,
+        StageDef(intermediate, (teacher, student, data), intermediate_section,
                  lambda c, t, s, d, out, work, cb: run(c, "intermediate", t, s, d, out, work, cb),
                  trains=True, **stage_kwargs),
         StageDef(prediction, (teacher, intermediate, data), section,
