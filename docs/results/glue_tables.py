@@ -98,14 +98,35 @@ def main() -> None:
             stages.append({"run": label, "stage": stage, "seconds": seconds, "mlflow run": run_id, "key": key,
                            "steps": result.get("steps") if isinstance(result, dict) else None})
     mlflow.end_run()
-    table = pd.DataFrame(rows)
-    print(markdown_table(table) if len(table) else "no runs")
-    print()
-    frame = pd.DataFrame(stages)
-    print(markdown_table(frame, 1) if len(frame) else "no stages")
+    table, frame = pd.DataFrame(rows), pd.DataFrame(stages)
     out = Path(__file__).with_name("glue_runs.parquet")
     table.to_parquet(out, index=False)
     frame.to_parquet(out.with_name("glue_stages.parquet"), index=False)
+    if table.empty:
+        print("no runs")
+        return
+    print("## Runs\n")
+    print(markdown_table(table[["run", "teacher", "teacher score", "student score", "retention %", "metrics",
+                                "teacher metrics", "speed-up", "FLOP ratio", "mlflow parent"]]))
+    print("\n## Ablations: score and change against the full recipe\n")
+    for task in ("sst2", "mrpc"):
+        full = table[table.run == task]
+        ablated = table[table.run.str.startswith(f"{task}: ")]
+        if full.empty or ablated.empty:
+            continue
+        both = pd.concat([full.assign(run=f"{task}: full recipe"), ablated])
+        both["change"] = both["student score"] - float(full["student score"].iloc[0])
+        print(markdown_table(both[["run", "student score", "change", "retention %", "metrics", "mlflow parent"]]), "\n")
+    print("## Seconds per stage, when computed (cached stages show the run that computed them)\n")
+    order = [s for s in STAGE_ORDER if s in set(frame.stage)]
+    pivot = frame.pivot_table(index="run", columns="stage", values="seconds", aggfunc="first")
+    pivot = pivot.reindex(index=[r for r in table.run if r in pivot.index], columns=order)
+    pivot.insert(0, "run", pivot.index)
+    print(markdown_table(pivot.fillna("—"), 0))
+
+
+STAGE_ORDER = ["prepare_corpus", "general_distill", "minilm_distill", "prepare_task", "finetune_teacher", "augment",
+               "task_distill_intermediate", "task_distill_prediction", "finetune_student", "evaluate", "benchmark", "report"]
 
 
 if __name__ == "__main__":
