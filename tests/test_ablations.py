@@ -28,8 +28,7 @@ def smoke(tmp_path_factory, kd_data_dir):
     task = store.write("prepare_task", "t", lambda out: stages.prepare_task(cfg, out))
     teacher = store.write("finetune_teacher", "f", lambda out: stages.finetune_teacher(
         cfg, task.path, out, store.work_dir("finetune_teacher", "f")))
-    return {"cfg": cfg, "overrides": overrides, "store": store, "corpus": corpus.path, "task": task.path,
-            "teacher": teacher.path}
+    return {"overrides": overrides, "store": store, "corpus": corpus.path, "task": task.path, "teacher": teacher.path}
 
 
 def _write(smoke, stage, key, run):
