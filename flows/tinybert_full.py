@@ -16,7 +16,8 @@ from tasks.general_distill import general_distill
 from tasks.prepare_corpus import prepare_corpus
 from tasks.prepare_task import prepare_task
 from tasks.report import report
-from tasks.stages import report_training_inputs
+from tasks.prune_teacher import prune_teacher
+from tasks.stages import pruned_from_finetuned, report_training_inputs
 from tasks.task_distill_intermediate import task_distill_intermediate
 from tasks.task_distill_prediction import task_distill_prediction
 
@@ -27,11 +28,15 @@ FLOW_NAME = "tinybert-full"
 def tinybert_full(profile: str = "smoke", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
     with pipeline_run(FLOW_NAME, profile, overrides, force) as (ctx, cfg):
         # Two independent branches run concurrently: corpus -> general distillation, and
-        # task data -> teacher fine-tuning / augmentation.
-        corpus = prepare_corpus.submit(ctx, cfg)
+        # task data -> teacher fine-tuning / augmentation. With student.prune.source=finetuned the
+        # student is cut out of the fine-tuned teacher instead, and no general distillation runs.
         task_data = prepare_task.submit(ctx, cfg)
-        general = general_distill.submit(ctx, cfg, corpus)
         teacher = finetune_teacher.submit(ctx, cfg, task_data)
+        if pruned_from_finetuned(cfg):
+            general = prune_teacher.submit(ctx, cfg, teacher, task_data)
+        else:
+            corpus = prepare_corpus.submit(ctx, cfg)
+            general = general_distill.submit(ctx, cfg, corpus)
         augmented = augment.submit(ctx, cfg, task_data)
         intermediate = task_distill_intermediate.submit(ctx, cfg, teacher, general, augmented)
         student = task_distill_prediction.submit(ctx, cfg, teacher, intermediate, augmented)

@@ -63,9 +63,11 @@ class LayerMapping(StrictModel):
     ``last``: the student's layers take the teacher's top M layers.
     ``first``: the teacher's bottom M layers.
     ``explicit``: ``layers[m-1]`` is the teacher layer for student layer m.
+    ``student_init``: the teacher layer each student layer was copied or pruned from (recorded
+    as ``kd_init_layers`` in the student's config by init teacher_layers / pruned).
     """
 
-    strategy: Literal["uniform", "last", "first", "explicit"] = "uniform"
+    strategy: Literal["uniform", "last", "first", "explicit", "student_init"] = "uniform"
     layers: list[int] | None = None
 
     @model_validator(mode="after")
@@ -75,6 +77,21 @@ class LayerMapping(StrictModel):
         return self
 
 
+class PruneConfig(StrictModel):
+    """student.init 'pruned': which teacher is cut down and the calibration sample that scores its units."""
+
+    source: Literal["pretrained", "finetuned"] = Field(
+        "pretrained",
+        description="pretrained: prune the teacher, then general distillation; finetuned (tinybert-full): prune "
+                    "the fine-tuned teacher and go straight to task distillation, without general distillation",
+    )
+    calibration_rows: int = Field(256, ge=1, description="corpus blocks (pretrained) or task train rows (finetuned)")
+    seed: int = Field(0, description="which calibration rows are drawn")
+    batch_size: int = Field(32, ge=1, description="calibration forward-pass batch")
+    layers: Literal["importance", "uniform"] = Field(
+        "importance", description="importance: the M layers of highest block influence; uniform: evenly spaced")
+
+
 class StudentConfig(StrictModel):
     num_layers: int = Field(4, ge=1)
     hidden_size: int = Field(312, ge=8)
@@ -82,11 +99,12 @@ class StudentConfig(StrictModel):
     intermediate_size: int | None = Field(None, ge=1, description="default: 4 x hidden_size")
     vocab_size: int | None = Field(None, description="default: the teacher's; must equal it")
     max_position_embeddings: int | None = None
-    init: Literal["random", "teacher_layers", "checkpoint"] = "random"
+    init: Literal["random", "teacher_layers", "checkpoint", "pruned"] = "random"
     init_layers: list[int] | None = Field(
         None, description="teacher layers (1-based) copied into the student for init=teacher_layers"
     )
     checkpoint: str | None = Field(None, description="model dir or alias for init=checkpoint")
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="init=pruned: source and calibration")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
@@ -207,8 +225,16 @@ class TaskSection(StrictModel):
     max_seq_length: int = Field(64, ge=8)
     train_limit: int | None = Field(None, ge=1, description="first N training rows (after a seeded shuffle)")
     eval_limit: int | None = Field(None, ge=1)
-    eval_split: str = "dev"
+    eval_split: str = Field("dev", description="dev, test, ... or holdout: the rows held out from train")
+    holdout_rows: int | None = Field(
+        None, ge=1, description="rows taken out of train (seeded) into holdout.parquet, for choosing settings without dev")
     seed: int = 13
+
+    @model_validator(mode="after")
+    def _holdout_needs_rows(self) -> "TaskSection":
+        if self.eval_split == "holdout" and not self.holdout_rows:
+            raise ValueError("task.eval_split 'holdout' needs task.holdout_rows (rows held out from train), e.g. 500")
+        return self
 
 
 class FinetuneSection(StrictModel):

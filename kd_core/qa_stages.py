@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from kd_core import stages as core
-from kd_core.config import PipelineConfig, TrainConfig, for_task
+from kd_core.config import LayerMapping, PipelineConfig, TrainConfig, for_task
 from kd_core.data.qa import DEV_ARTICLES_EVAL, DEV_ARTICLES_TRAIN, build_features, sample_questions, split_by_article
 from kd_core.models.registry import load_model, load_tokenizer
 from kd_core.train.objective import Objective, expand_recipe
@@ -107,7 +107,7 @@ def finetune_teacher_qa(cfg: PipelineConfig, qa_dir: Path, out: Path, work: Path
     model = _load_qa_model(cfg.teacher)
     features = _features(cfg, qa_rows(qa_dir, "train")[0], tokenizer, with_labels=True)
     shape = core.shape_of(model)
-    specs = expand_recipe("qa_finetune", cfg.task_distill.mapping, shape.num_layers, shape.num_layers)
+    specs = expand_recipe("qa_finetune", LayerMapping(), shape.num_layers, shape.num_layers)
     trainer = DistillTrainer(None, model, Objective(specs, shape, None), features.inputs, train, work, tokenizer.pad_token_id, callbacks)
     return {**core._finish_training(trainer, trainer.train(), tokenizer, out), "train_windows": len(features)}
 

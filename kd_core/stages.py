@@ -19,16 +19,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kd_core.config import FinetuneSection, GeneralDistillSection, PipelineConfig, StudentConfig, TrainConfig
+from kd_core.config import FinetuneSection, GeneralDistillSection, LayerMapping, PipelineConfig, StudentConfig, TrainConfig
 from kd_core.data.features import encode_examples
 from kd_core.models.adaptors import ModelAdaptor
 from kd_core.models.registry import load_model, load_tokenizer
-from kd_core.models.student import build_student
+from kd_core.models.student import build_student, init_layers_of, init_projections_from_channels
 from kd_core.train.objective import ModelShape, Objective, expand_recipe
 from kd_core.train.trainer import DistillTrainer, TrainerCallback, TrainResult
 
 MODEL_SUBDIR = "model"
 CORPUS_SUBDIR = "corpus"  # the shards keep their own manifest; the store's sits one level up
+PRUNING_SUBDIR = "pruning"  # kept.parquet and scores.parquet of a pruned student
 
 
 class StageInputError(ValueError):
@@ -108,16 +109,19 @@ def distill_on_corpus(
 
     tokenizer = load_tokenizer(teacher_source)
     teacher = load_model(teacher_source)
+    blocks = load_corpus_blocks(corpus_dir / CORPUS_SUBDIR)
     torch.manual_seed(section.train.seed)
-    student = build_student(teacher, student_cfg)
+    student = build_student(teacher, student_cfg, calibration=blocks, pad_token_id=tokenizer.pad_token_id,
+                            plan_out=out / PRUNING_SUBDIR)
     if not section.enabled:
         student.save_pretrained(out / MODEL_SUBDIR)
         tokenizer.save_pretrained(out / MODEL_SUBDIR)
         return _untrained(out, f"enabled=false: the student as initialised (init={student_cfg.init})")
     s_shape, t_shape = shape_of(student), shape_of(teacher)
-    specs = expand_recipe(section.recipe, section.mapping, s_shape.num_layers, t_shape.num_layers, section.matches, section.recipe_params)
+    specs = expand_recipe(section.recipe, section.mapping, s_shape.num_layers, t_shape.num_layers, section.matches,
+                          section.recipe_params, init_layers=init_layers_of(student))
     objective = Objective(specs, s_shape, t_shape)
-    blocks = load_corpus_blocks(corpus_dir / CORPUS_SUBDIR)
+    init_projections_from_channels(objective.projections, student)
     trainer = DistillTrainer(teacher, student, objective, blocks, section.train, work, tokenizer.pad_token_id, callbacks)
     return _finish_training(trainer, trainer.train(), tokenizer, out)
 
@@ -144,7 +148,9 @@ def assistant_config(cfg: PipelineConfig) -> StudentConfig | None:
     small = cfg.student.num_layers * 2 <= sizes["layers"] and cfg.student.hidden_size * 2 <= sizes["hidden"]
     if mode == "off" or (mode == "auto" and not small):
         return None
-    return cfg.student.model_copy(update={"num_layers": sizes["layers"], "init": "random", "init_layers": None})
+    # a pruned student gets a pruned assistant: teacher -> assistant -> student, each cut from the one above
+    init = "pruned" if cfg.student.init == "pruned" else "random"
+    return cfg.student.model_copy(update={"num_layers": sizes["layers"], "init": init, "init_layers": None})
 
 
 def assistant_distill(cfg: PipelineConfig, corpus_dir: Path, out: Path, work: Path, callbacks: Sequence[TrainerCallback] = ()) -> dict:
@@ -160,20 +166,43 @@ def minilm_distill(cfg: PipelineConfig, corpus_dir: Path, out: Path, work: Path,
 
 
 # ---- task data ---------------------------------------------------------------------------------
+HOLDOUT_SPLIT = "holdout"
+
+
 def prepare_task(cfg: PipelineConfig, out: Path) -> dict:
+    """train.parquet and the eval split; with task.holdout_rows also holdout.parquet, rows taken out
+    of train before train_limit applies. The files do not depend on whether eval_split is holdout
+    or the official split, so a selection run on the holdout and the final run share every
+    training artifact."""
     from kd_core.data.loaders import load_split, write_split
     from kd_core.data.tasks import get_task
 
-    spec = get_task(cfg.task.name)
+    section = cfg.task
+    spec = get_task(section.name)
     root = data_root(cfg)
     result = {"task": spec.name}
-    for split, limit in (("train", cfg.task.train_limit), (cfg.task.eval_split, cfg.task.eval_limit)):
-        frame = load_split(spec, root, split)
-        if limit is not None and limit < len(frame):
-            frame = frame.sample(n=limit, random_state=cfg.task.seed).sort_values("idx").reset_index(drop=True)
-        fingerprint = write_split(frame, out / f"{split}.parquet", spec, split)
-        result[f"{split}_rows"] = len(frame)
-        result[f"{split}_fingerprint"] = fingerprint
+    train = load_split(spec, root, "train")
+    frames = {}
+    if section.holdout_rows:
+        if section.holdout_rows >= len(train):
+            raise StageInputError(f"task.holdout_rows={section.holdout_rows} leaves no training rows ({spec.name} "
+                                  f"train has {len(train)}); lower task.holdout_rows")
+        held = train.sample(n=section.holdout_rows, random_state=section.seed)
+        frames[HOLDOUT_SPLIT] = held.sort_values("idx").reset_index(drop=True)
+        train = train.drop(held.index).reset_index(drop=True)
+    if section.train_limit is not None and section.train_limit < len(train):
+        train = train.sample(n=section.train_limit, random_state=section.seed).sort_values("idx").reset_index(drop=True)
+    frames["train"] = train
+    official = "dev" if section.eval_split == HOLDOUT_SPLIT else section.eval_split
+    evaluation = load_split(spec, root, official)
+    if section.eval_limit is not None and section.eval_limit < len(evaluation):
+        evaluation = evaluation.sample(n=section.eval_limit, random_state=section.seed).sort_values("idx").reset_index(drop=True)
+    frames[official] = evaluation
+    for split in ("train", official, HOLDOUT_SPLIT):
+        if split in frames:
+            fingerprint = write_split(frames[split], out / f"{split}.parquet", spec, split)
+            result[f"{split}_rows"] = len(frames[split])
+            result[f"{split}_fingerprint"] = fingerprint
     return result
 
 
@@ -215,7 +244,7 @@ def finetune(
         model = load_model(model_source, head="sequence_classification", **_task_head_kwargs(spec))
     examples = encode_examples(_read_rows(task_dir / "train.parquet"), tokenizer, cfg.task.max_seq_length)
     shape = shape_of(model)
-    specs = expand_recipe("finetune", cfg.task_distill.mapping, shape.num_layers, shape.num_layers, params={"regression": spec.is_regression})
+    specs = expand_recipe("finetune", LayerMapping(), shape.num_layers, shape.num_layers, params={"regression": spec.is_regression})
     trainer = DistillTrainer(None, model, Objective(specs, shape, None), examples, train, work, tokenizer.pad_token_id, callbacks)
     return _finish_training(trainer, trainer.train(), tokenizer, out)
 
@@ -270,6 +299,23 @@ def augment(cfg: PipelineConfig, task_dir: Path, out: Path) -> dict:
     stable = {**info, "stats": {k: v for k, v in info.get("stats", {}).items() if k != "seconds"}}
     write_augmented(augmented, out / "train.parquet", get_task(cfg.task.name), "train", stable)
     return {"rows": len(augmented), "source_rows": len(rows), **{k: v for k, v in info.items() if isinstance(v, (int, float, str, bool))}}
+
+
+def prune_finetuned(cfg: PipelineConfig, teacher_dir: Path, task_dir: Path, out: Path) -> dict:
+    """The student cut out of the fine-tuned teacher, head included, by importance on task train
+    rows (CoFi / Extract-Then-Distill style: task distillation follows, without general distillation)."""
+    from kd_core.data.tasks import get_task
+
+    spec = get_task(cfg.task.name)
+    tokenizer = load_tokenizer(teacher_dir / MODEL_SUBDIR)
+    teacher = _load_classifier(teacher_dir / MODEL_SUBDIR, spec)
+    rows = encode_examples(_read_rows(task_dir / "train.parquet"), tokenizer, cfg.task.max_seq_length)
+    student = build_student(teacher, cfg.student, calibration=rows, pad_token_id=tokenizer.pad_token_id,
+                            plan_out=out / PRUNING_SUBDIR)
+    student.save_pretrained(out / MODEL_SUBDIR)
+    tokenizer.save_pretrained(out / MODEL_SUBDIR)
+    return {"init_layers": init_layers_of(student), "params": sum(p.numel() for p in student.parameters()),
+            "calibration_rows": min(cfg.student.prune.calibration_rows, len(rows))}
 
 
 # ---- task distillation ---------------------------------------------------------------------------
@@ -355,9 +401,11 @@ def _distill_on_task(
     torch.manual_seed(train.seed)
     student = _load_classifier(student_dir / MODEL_SUBDIR, spec)
     s_shape, t_shape = shape_of(student), shape_of(teacher)
-    specs = expand_recipe(recipe, mapping, s_shape.num_layers, t_shape.num_layers, params=params)
+    specs = expand_recipe(recipe, mapping, s_shape.num_layers, t_shape.num_layers, params=params,
+                          init_layers=init_layers_of(student))
     objective = Objective(specs, s_shape, t_shape)
-    _init_projections(objective, student_dir / MODEL_SUBDIR)
+    init_projections_from_channels(objective.projections, student)
+    _init_projections(objective, student_dir / MODEL_SUBDIR)  # learned ones, where an earlier stage saved them
     examples = encode_examples(_read_rows(data_dir / "train.parquet"), tokenizer, cfg.task.max_seq_length)
     # a hard-label recipe (the no-KD ablations) must not pay for the teacher's forward pass
     teacher = teacher if objective.needs_teacher else None

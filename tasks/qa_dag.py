@@ -17,6 +17,7 @@ from tasks.stages import (
     _dump,
     _evaluation_stages,
     _task_folder,
+    pruned_from_finetuned,
     source_fingerprint,
     task_distill_steps,
     tinybert_dag,
@@ -40,6 +41,9 @@ def _task_distill_section(c: PipelineConfig) -> dict:
 
 
 def squad_dag(cfg: PipelineConfig) -> list[StageDef]:
+    if pruned_from_finetuned(cfg):
+        raise ValueError("student.prune.source=finetuned is a tinybert-full path; squad-distill prunes the "
+                         "pre-trained teacher before general distillation: set student.prune.source=pretrained")
     general = next(s for s in tinybert_dag(cfg) if s.name == "general_distill")
     stages = [
         PREPARE_CORPUS,

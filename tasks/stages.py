@@ -140,28 +140,54 @@ def task_distill_steps(prefix: str, teacher: str, student: str, data: str, secti
     ]
 
 
+def pruned_from_finetuned(cfg: PipelineConfig) -> bool:
+    """The task-level path: the student is cut out of the fine-tuned teacher, and task
+    distillation starts from it without general distillation."""
+    return cfg.student.init == "pruned" and cfg.student.prune.source == "finetuned"
+
+
+def check_student(cfg: PipelineConfig) -> None:
+    """An impossible student shape fails here, when the stage graph is built, before any stage runs."""
+    if cfg.student.init in ("pruned", "teacher_layers"):
+        from transformers import AutoConfig
+
+        from kd_core.models.registry import resolve_model
+        from kd_core.models.student import check_student_shape
+
+        check_student_shape(AutoConfig.from_pretrained(resolve_model(cfg.teacher)), cfg.student)
+
+
 def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:
+    check_student(cfg)
     task_distill_section = lambda c: {"task": c.task.name, "max_seq_length": c.task.max_seq_length,  # noqa: E731
                                       "task_distill": _dump(c.task_distill)}
-    return _with_evaluation([
-        PREPARE_CORPUS,
-        StageDef(
+    if pruned_from_finetuned(cfg):
+        student_stages = [StageDef(
+            "prune_teacher",
+            ("finetune_teacher", "prepare_task"),
+            lambda c: {"task": c.task.name, "max_seq_length": c.task.max_seq_length, **_models_section(c)},
+            lambda c, teacher, task, out, work, cb: core.prune_finetuned(c, teacher, task, out),
+        )]
+    else:
+        student_stages = [PREPARE_CORPUS, StageDef(
             "general_distill",
             ("prepare_corpus",),
             lambda c: {**_models_section(c), "general_distill": _dump(c.general_distill)},
             lambda c, corpus, out, work, cb: core.general_distill(c, corpus, out, work, cb),
             register_as="general-student",
             trains=True,
-        ),
+        )]
+    return _with_evaluation([
         PREPARE_TASK,
         FINETUNE_TEACHER,
+        *student_stages,
         StageDef(
             "augment",
             ("prepare_task",),
             lambda c: {"teacher": c.teacher, "augment": _dump(c.augment)},
             lambda c, task, out, work, cb: core.augment(c, task, out),
         ),
-        *task_distill_steps("task_distill", "finetune_teacher", "general_distill", "augment",
+        *task_distill_steps("task_distill", "finetune_teacher", student_stages[-1].name, "augment",
                             task_distill_section, core.task_distill),
     ], "task_distill_prediction")
 
@@ -185,6 +211,10 @@ def _finetune_student_stage(cfg: PipelineConfig) -> StageDef:
 def minilm_dag(cfg: PipelineConfig) -> list[StageDef]:
     """MiniLM: general distillation (through a teacher assistant when the student is small),
     then the student is fine-tuned on the task, as in the MiniLM paper."""
+    check_student(cfg)
+    if pruned_from_finetuned(cfg):
+        raise ValueError("student.prune.source=finetuned is a tinybert-full path (task distillation from the pruned "
+                         "fine-tuned teacher); the minilm flow prunes the pre-trained teacher: set it to pretrained")
     section = lambda c: {**_models_section(c), "minilm": _dump(c.minilm)}  # noqa: E731
     stages = [PREPARE_CORPUS]
     if core.assistant_config(cfg) is not None:

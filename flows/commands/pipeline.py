@@ -32,11 +32,15 @@ def register(app: typer.Typer) -> None:
     ):
         """Run a pipeline flow in-process (ephemeral Prefect, MLflow on sqlite by default)."""
         from kd_core.config import ConfigError
+        from flows.profiles import load_profile
         from flows.registry import get_flow
+        from tasks.stages import dag_for
 
         try:
             overrides, force = _overrides(param or [])
             flow_fn = get_flow(flow_name)
+            # builds the stage graph, which checks the config against the teacher: fails before Prefect starts
+            dag_for(flow_name, load_profile(profile, overrides, force))
         except (ConfigError, ValueError) as exc:
             console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(2)

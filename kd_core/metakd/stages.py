@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kd_core.config import PipelineConfig, TrainConfig, for_task
+from kd_core.config import LayerMapping, PipelineConfig, TrainConfig, for_task
 from kd_core.data.features import encode_examples
 from kd_core.evaluate.glue import predict_logits
 from kd_core.metakd.core import DomainCorruptionHead, subsample_fraction
@@ -191,7 +191,7 @@ def train_teacher(
         if reps_dir is not None:
             trainer.initial_reps = lookup_reps(reps_dir, rows, section.domains)
     else:
-        specs = expand_recipe("finetune", section.mapping, shape.num_layers, shape.num_layers)
+        specs = expand_recipe("finetune", LayerMapping(), shape.num_layers, shape.num_layers)
         trainer = DistillTrainer(None, model, Objective(specs, shape, None), examples, train, work,
                                  tokenizer.pad_token_id, callbacks, fingerprint_extra={"kind": kind})
     summary = _finish_training(trainer, trainer.train(), tokenizer, out)

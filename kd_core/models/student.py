@@ -1,4 +1,5 @@
-"""Build a student from a config: random, from chosen teacher layers, or from a checkpoint.
+"""Build a student from a config: random, from chosen teacher layers, pruned from the teacher
+(kd_core.models.prune), or from a checkpoint.
 
 The student has the teacher's architecture family and uses the teacher's tokenizer, so the
 two see identical token ids; a vocabulary mismatch is rejected before any training starts.
@@ -7,6 +8,8 @@ two see identical token ids; a vocabulary mismatch is rejected before any traini
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -72,6 +75,8 @@ def student_config(teacher_config: PretrainedConfig, cfg: StudentConfig, **extra
         if hasattr(config, attr):
             setattr(config, attr, cfg.dropout)
     config.architectures = None
+    config.kd_init_layers = None  # set by the inits that copy teacher layers; never inherited from a teacher
+    config.kd_init_hidden = None
     for key, value in extra.items():
         setattr(config, key, value)
     return config
@@ -116,13 +121,42 @@ def _copy_from_teacher_layers(student: PreTrainedModel, teacher: PreTrainedModel
         t_adaptor.remove_hooks()
 
 
+def calibration_batches(examples: Sequence[dict], rows: int, seed: int, batch_size: int, pad_token_id: int) -> list[dict]:
+    """``rows`` examples drawn without replacement (seeded), padded into batches."""
+    from kd_core.train.data import pad_batch
+
+    if not examples:
+        raise StudentConfigError("student.init 'pruned' needs calibration rows, and the data has none")
+    picked = np.sort(np.random.default_rng(seed).choice(len(examples), size=min(rows, len(examples)), replace=False))
+    return [pad_batch([examples[i] for i in picked[start:start + batch_size]], pad_token_id)
+            for start in range(0, len(picked), batch_size)]
+
+
+def check_student_shape(teacher_config: PretrainedConfig, cfg: StudentConfig) -> None:
+    """Fail before any work when ``cfg`` cannot be built from this teacher."""
+    config = student_config(teacher_config, cfg)
+    if cfg.init == "pruned":
+        from kd_core.models.prune import check_prunable
+
+        check_prunable(teacher_config, config)
+
+
 def build_student(
     teacher: PreTrainedModel,
     cfg: StudentConfig,
     head: str | None = None,
+    calibration: Sequence[dict] | None = None,
+    pad_token_id: int = 0,
+    plan_out: Path | None = None,
     **config_extra,
 ) -> PreTrainedModel:
-    """A student for ``teacher``; ``head`` is one of registry.HEADS (None: bare encoder)."""
+    """A student for ``teacher``; ``head`` is one of registry.HEADS (None: bare encoder).
+
+    ``init: pruned`` cuts the student out of ``teacher`` (with the teacher's class, so a
+    fine-tuned teacher's head comes along) by activation importance on ``calibration`` examples
+    (student.prune picks how many, with which seed); ``plan_out`` receives kept.parquet and
+    scores.parquet.
+    """
     import transformers
 
     if head not in HEADS:
@@ -137,6 +171,20 @@ def build_student(
             )
         return student
     config = student_config(teacher.config, cfg, **config_extra)
+    if cfg.init == "pruned":
+        from kd_core.models.prune import prune_model
+
+        if calibration is None:
+            raise StudentConfigError("student.init 'pruned' needs calibration rows (corpus blocks or task rows) "
+                                     "from the stage that builds the student")
+        batches = calibration_batches(calibration, cfg.prune.calibration_rows, cfg.prune.seed,
+                                      cfg.prune.batch_size, pad_token_id)
+        student, plan = prune_model(teacher, config, batches, cfg.prune.layers)
+        student.config.kd_init_layers = list(plan.layers)
+        student.config.kd_init_hidden = [int(i) for i in plan.hidden]  # the teacher channel of each student channel
+        if plan_out is not None:
+            plan.write(plan_out)
+        return student
     student = auto.from_config(config)
     if cfg.init == "teacher_layers":
         t_sizes, s_sizes = teacher_sizes(teacher.config), teacher_sizes(config)
@@ -150,6 +198,7 @@ def build_student(
         layers = cfg.init_layers or default_init_layers(cfg.num_layers, t_sizes["layers"])
         with torch.no_grad():
             _copy_from_teacher_layers(student, teacher, layers)
+        student.config.kd_init_layers = list(layers)
     return student
 
 
@@ -163,3 +212,28 @@ def check_tokenizer_match(teacher_tokenizer, student_tokenizer, student_name: st
         f"{student_name}'s tokenizer differs from the teacher's ({len(s_vocab)} vs {len(t_vocab)} tokens; "
         f"first differences {differing}); distil with the teacher's tokenizer"
     )
+
+
+def init_layers_of(model: PreTrainedModel) -> list[int] | None:
+    """The teacher layers a student was copied or pruned from (mapping strategy student_init)."""
+    layers = getattr(model.config, "kd_init_layers", None)
+    return list(layers) if layers else None
+
+
+def init_projections_from_channels(projections, model: PreTrainedModel) -> list[str]:
+    """Start each student->teacher projection as the pruned channel selection (student channel i
+    -> teacher channel kd_init_hidden[i]), so hidden matches start from the pruned init's own error.
+    Returns the projections set."""
+    channels = getattr(model.config, "kd_init_hidden", None)
+    if not channels:
+        return []
+    done = []
+    for name, linear in projections.items():
+        if linear.in_features != len(channels) or max(channels) >= linear.out_features:
+            continue
+        with torch.no_grad():
+            linear.weight.zero_()
+            linear.weight[torch.as_tensor(channels), torch.arange(len(channels))] = 1.0
+            linear.bias.zero_()
+        done.append(name)
+    return done

@@ -22,9 +22,16 @@ class MappingError(ValueError):
     """An impossible student→teacher layer mapping."""
 
 
-def map_layers(mapping: LayerMapping, student_layers: int, teacher_layers: int) -> list[int]:
-    """Teacher layer (1-based) for each student layer m = 1..M."""
+def map_layers(mapping: LayerMapping, student_layers: int, teacher_layers: int,
+               init_layers: list[int] | None = None) -> list[int]:
+    """Teacher layer (1-based) for each student layer m = 1..M; ``init_layers``: the layers the
+    student was built from (strategy ``student_init``)."""
     m_count, n_count = student_layers, teacher_layers
+    if mapping.strategy == "student_init":
+        if not init_layers:
+            raise MappingError("mapping.strategy 'student_init' needs a student built from teacher layers "
+                               "(student.init teacher_layers or pruned); this student records none")
+        mapping = LayerMapping(strategy="explicit", layers=list(init_layers))
     if m_count < 1 or n_count < 1:
         raise MappingError(f"need at least one layer (student {m_count}, teacher {n_count})")
     strategy = mapping.strategy
@@ -156,13 +163,14 @@ def expand_recipe(
     teacher_layers: int,
     extra: list[MatchSpec] | None = None,
     params: dict | None = None,
+    init_layers: list[int] | None = None,
 ) -> list[MatchSpec]:
     """Matches for a recipe preset plus any explicitly listed ones."""
     specs: list[MatchSpec] = []
     if recipe:
         if recipe not in RECIPES:
             raise MappingError(f"unknown recipe {recipe!r}; choose one of {', '.join(sorted(RECIPES))}")
-        specs = RECIPES[recipe](map_layers(mapping, student_layers, teacher_layers), dict(params or {}))
+        specs = RECIPES[recipe](map_layers(mapping, student_layers, teacher_layers, init_layers), dict(params or {}))
     return specs + list(extra or [])
 
 
