@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from kd_core.models.adaptors import ModelAdaptor
+from kd_core.models.adaptors import ModelAdaptor, _get_path
+from kd_core.models.student import default_init_layers, teacher_sizes
 
 __all__ = ["PRUNABLE_MODEL_TYPES", "PruneError", "ImportanceScores", "PrunePlan", "collect_importance",
            "plan_pruning", "apply_plan", "prune_model", "check_prunable"]
@@ -69,15 +70,10 @@ def _spec(model_type: str) -> _BlockSpec:
     return _BLOCKS[model_type]
 
 
-def _sizes(config: PretrainedConfig) -> dict[str, int]:
-    return {"layers": config.num_hidden_layers, "hidden": config.hidden_size,
-            "heads": config.num_attention_heads, "intermediate": config.intermediate_size}
-
-
 def check_prunable(teacher_config: PretrainedConfig, student_config: PretrainedConfig) -> None:
     """Fail before any work when the student shape cannot be cut out of the teacher."""
     _spec(teacher_config.model_type)
-    t, s = _sizes(teacher_config), _sizes(student_config)
+    t, s = teacher_sizes(teacher_config), teacher_sizes(student_config)
     fields = {"layers": "student.num_layers", "hidden": "student.hidden_size", "heads": "student.num_heads",
               "intermediate": "student.intermediate_size"}
     for key, name in fields.items():
@@ -121,12 +117,6 @@ def _layer_norms(block: nn.Module) -> list[nn.LayerNorm]:
     return norms
 
 
-def _get(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
 @torch.no_grad()
 def collect_importance(model: PreTrainedModel, batches: Iterable[dict[str, Tensor]]) -> ImportanceScores:
     """Minitron's activation importance of every prunable unit of ``model`` over ``batches``."""
@@ -135,7 +125,7 @@ def collect_importance(model: PreTrainedModel, batches: Iterable[dict[str, Tenso
     adaptor.remove_hooks()  # only its structure is used here
     base, blocks = model.base_model, adaptor.layers()
     n_layers, n_heads, dh = adaptor.num_layers, adaptor.num_heads, adaptor.head_dim
-    d, inter = adaptor.hidden_size, _get(blocks[0], spec.ffn_in).out_features
+    d, inter = adaptor.hidden_size, _get_path(blocks[0], spec.ffn_in).out_features
     acc = {"layer": torch.zeros(n_layers, dtype=torch.float64), "ln_emb": torch.zeros(d, dtype=torch.float64),
            "ln": torch.zeros(n_layers, 2, d, dtype=torch.float64), "ffn": torch.zeros(n_layers, inter, dtype=torch.float64),
            "head": torch.zeros(n_layers, n_heads, dtype=torch.float64),
@@ -171,7 +161,7 @@ def collect_importance(model: PreTrainedModel, batches: Iterable[dict[str, Tenso
         for j, norm in enumerate(_layer_norms(block)):
             on(norm, lambda _m, _a, out, i=i, j=j: acc["ln"][i, j].add_(valid_sum(out.abs())))
         # the FFN's activation: the output of BertIntermediate / MPNetIntermediate, act(dense(x))
-        on(_get(block, spec.ffn_act), lambda _m, _a, out, i=i: acc["ffn"][i].add_(valid_sum(out.abs())))
+        on(_get_path(block, spec.ffn_act), lambda _m, _a, out, i=i: acc["ffn"][i].add_(valid_sum(out.abs())))
         q_lin, k_lin, _ = adaptor.qkv(i + 1)
 
         def capture(name, i=i):
@@ -194,7 +184,7 @@ def collect_importance(model: PreTrainedModel, batches: Iterable[dict[str, Tenso
             # the mean over token pairs of |q_tj k_sj|, weighted like the other scores by tokens
             acc["qk"][i] += (mean_q * mean_k * count).sum(dim=0).double()
 
-        on(_get(block, spec.o), context, pre=True)
+        on(_get_path(block, spec.o), context, pre=True)
 
     tokens = 0
     was_training = model.training
@@ -240,7 +230,6 @@ class PrunePlan:
     teacher_head_dim: int
     scores: ImportanceScores | None = None
     layer_selection: str = "importance"
-    extra: dict = field(default_factory=dict)
 
     @property
     def student_head_dim(self) -> int:
@@ -302,10 +291,8 @@ def plan_pruning(
     layer_selection: Literal["importance", "uniform"] = "importance",
 ) -> PrunePlan:
     """Keep the most important units for ``student_config``'s shape (see the module docstring)."""
-    from kd_core.models.student import default_init_layers
-
     check_prunable(teacher_config, student_config)
-    t, s = _sizes(teacher_config), _sizes(student_config)
+    t, s = teacher_sizes(teacher_config), teacher_sizes(student_config)
     if layer_selection == "importance":
         layers = [int(i) + 1 for i in _top(scores.layer, s["layers"])]
     elif layer_selection == "uniform":
@@ -361,7 +348,7 @@ def _residual_axes(teacher: PreTrainedModel, d: int) -> dict[str, tuple[int, ...
 def apply_plan(teacher: PreTrainedModel, student: PreTrainedModel, plan: PrunePlan) -> PreTrainedModel:
     """Fill ``student`` (the student shape, same class as the teacher) with sliced teacher weights."""
     spec = _spec(teacher.config.model_type)
-    t_sizes = _sizes(teacher.config)
+    t_sizes = teacher_sizes(teacher.config)
     adaptor = ModelAdaptor(teacher)
     adaptor.remove_hooks()
     t_blocks = adaptor.layers()
