@@ -64,6 +64,8 @@ test: setup
 
 # The recorded benchmarks: training throughput, then inference speed (kd bench; ~10 min).
 bench: setup
+	# the peer for benchmarks/textbrewer_peer.py; --no-deps: its tensorboard import is stubbed there
+	$(BIN)/python -m pip install -q --no-deps textbrewer==0.2.1.post1
 	$(BIN)/python benchmarks/distill_throughput.py
 	$(BIN)/python benchmarks/inference_speed.py
 

@@ -50,6 +50,14 @@ def markdown_table(frame: pd.DataFrame, digits: int = 2) -> str:
     return "\n".join(lines)
 
 
+def save_tables(rows: list[dict], stages: list[dict], stem: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """<stem>_runs.parquet and <stem>_stages.parquet beside this file."""
+    table, frame = pd.DataFrame(rows), pd.DataFrame(stages)
+    table.to_parquet(Path(__file__).with_name(f"{stem}_runs.parquet"), index=False)
+    frame.to_parquet(Path(__file__).with_name(f"{stem}_stages.parquet"), index=False)
+    return table, frame
+
+
 def find_parent(client, experiment_ids, flow: str, profile: str, overrides: dict):
     """The latest finished flow run whose logged config equals this profile + overrides."""
     wanted = flatten("", load_profile(profile, overrides).model_dump(mode="json"))
@@ -98,10 +106,7 @@ def main() -> None:
             stages.append({"run": label, "stage": stage, "seconds": seconds, "mlflow run": run_id, "key": key,
                            "steps": result.get("steps") if isinstance(result, dict) else None})
     mlflow.end_run()
-    table, frame = pd.DataFrame(rows), pd.DataFrame(stages)
-    out = Path(__file__).with_name("glue_runs.parquet")
-    table.to_parquet(out, index=False)
-    frame.to_parquet(out.with_name("glue_stages.parquet"), index=False)
+    table, frame = save_tables(rows, stages, "glue")
     if table.empty:
         print("no runs")
         return
