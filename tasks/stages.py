@@ -161,15 +161,16 @@ def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:
     check_student(cfg)
     task_distill_section = lambda c: {"task": c.task.name, "max_seq_length": c.task.max_seq_length,  # noqa: E731
                                       "task_distill": _dump(c.task_distill)}
+    corpus_stages, pruned_stages = [], []
     if pruned_from_finetuned(cfg):
-        student_stages = [StageDef(
+        pruned_stages = [StageDef(
             "prune_teacher",
             ("finetune_teacher", "prepare_task"),
             lambda c: {"task": c.task.name, "max_seq_length": c.task.max_seq_length, **_models_section(c)},
             lambda c, teacher, task, out, work, cb: core.prune_finetuned(c, teacher, task, out),
         )]
     else:
-        student_stages = [PREPARE_CORPUS, StageDef(
+        corpus_stages = [PREPARE_CORPUS, StageDef(
             "general_distill",
             ("prepare_corpus",),
             lambda c: {**_models_section(c), "general_distill": _dump(c.general_distill)},
@@ -177,17 +178,19 @@ def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:
             register_as="general-student",
             trains=True,
         )]
+    student_stage = (pruned_stages or corpus_stages)[-1].name
     return _with_evaluation([
+        *corpus_stages,
         PREPARE_TASK,
         FINETUNE_TEACHER,
-        *student_stages,
+        *pruned_stages,
         StageDef(
             "augment",
             ("prepare_task",),
             lambda c: {"teacher": c.teacher, "augment": _dump(c.augment)},
             lambda c, task, out, work, cb: core.augment(c, task, out),
         ),
-        *task_distill_steps("task_distill", "finetune_teacher", student_stages[-1].name, "augment",
+        *task_distill_steps("task_distill", "finetune_teacher", student_stage, "augment",
                             task_distill_section, core.task_distill),
     ], "task_distill_prediction")
 
