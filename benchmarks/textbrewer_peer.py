@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from kd_core import stages
-from kd_core.config import LayerMapping, PipelineConfig, StudentConfig, TaskDistillSection, TaskSection, TrainConfig
+from kd_core.config import LayerMapping, PipelineConfig, PruneConfig, StudentConfig, TaskDistillSection, TaskSection, TrainConfig
 from kd_core.data.features import encode_examples
 from kd_core.data.tasks import get_task
 from kd_core.models.adaptors import ModelAdaptor
@@ -407,6 +407,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--textbrewer-mode", choices=("matched", "stock"), default="matched",
                         help="matched: TextBrewer optimises exactly our objective; stock: its own projections/clipping")
+    parser.add_argument("--with-pruned", action="store_true",
+                        help="a third side: ours, same steps, from the student cut out of the fine-tuned teacher "
+                             "(student.init pruned, mapping student_init), which TextBrewer cannot build")
     parser.add_argument("--out", type=Path, default=Path("/tmp/kd-bench-textbrewer"))
     args = parser.parse_args()
 
@@ -532,12 +535,26 @@ def main() -> None:
     tb_final = out / "textbrewer" / "prediction" / MODEL
     student_tb.save_pretrained(tb_final)
     tokenizer.save_pretrained(tb_final)
+    sides = {"teacher": teacher_stage, "ours": out / "ours" / "prediction", "textbrewer": out / "textbrewer" / "prediction"}
+    if args.with_pruned:
+        pruned_cfg = cfg.model_copy(update={
+            "student": student_cfg.model_copy(update={"init": "pruned", "prune": PruneConfig(source="finetuned")}),
+            "task_distill": cfg.task_distill.model_copy(update={"mapping": LayerMapping(strategy="student_init")})})
+        pruned_stage = stage / "pruned"
+        (pruned_stage).mkdir()
+        stages.prune_finetuned(pruned_cfg, teacher_stage, data_stage, pruned_stage)
+        print(f"[ours, pruned init] intermediate, {args.steps} steps", flush=True)
+        results["pruned_intermediate"] = run_ours(pruned_cfg, "intermediate", teacher_stage, pruned_stage, data_stage,
+                                                  out / "pruned" / "intermediate", args.warmup)
+        print(f"[ours, pruned init] prediction, {args.prediction_steps} steps", flush=True)
+        results["pruned_prediction"] = run_ours(pruned_cfg, "prediction", teacher_stage, out / "pruned" / "intermediate",
+                                                data_stage, out / "pruned" / "prediction", args.warmup)
+        sides["pruned"] = out / "pruned" / "prediction"
 
     # dev scores with the pipeline's evaluate stage (teacher for reference)
     (out / "eval").mkdir()
     with stages.quiet_transformers():
-        stages.evaluate(cfg, {"teacher": teacher_stage, "ours": out / "ours" / "prediction",
-                              "textbrewer": out / "textbrewer" / "prediction"}, task_stage, out / "eval")
+        stages.evaluate(cfg, sides, task_stage, out / "eval")
     metrics = {r["model"]: r for r in json.loads((out / "eval" / "metrics.json").read_text())}
 
     checks = {
@@ -559,7 +576,10 @@ def write_report(args, out, spec, device, s_shape, t_shape, rows, results, metri
     import transformers
 
     side_rows = []
-    for side, label in (("ours", "kd_core DistillTrainer"), ("textbrewer", f"TextBrewer GeneralDistiller ({args.textbrewer_mode})")):
+    labelled = [("ours", "kd_core DistillTrainer"), ("textbrewer", f"TextBrewer GeneralDistiller ({args.textbrewer_mode})")]
+    if "pruned_intermediate" in results:
+        labelled.append(("pruned", "kd_core DistillTrainer, student pruned from the fine-tuned teacher"))
+    for side, label in labelled:
         inter, pred = results[f"{side}_intermediate"], results[f"{side}_prediction"]
         side_rows.append({
             "side": label,
