@@ -190,20 +190,22 @@ def prepare_task(cfg: PipelineConfig, out: Path) -> dict:
         held = train.sample(n=section.holdout_rows, random_state=section.seed)
         frames[HOLDOUT_SPLIT] = held.sort_values("idx").reset_index(drop=True)
         train = train.drop(held.index).reset_index(drop=True)
-    if section.train_limit is not None and section.train_limit < len(train):
-        train = train.sample(n=section.train_limit, random_state=section.seed).sort_values("idx").reset_index(drop=True)
-    frames["train"] = train
+    frames["train"] = _seeded_rows(train, section.train_limit, section.seed)
     official = "dev" if section.eval_split == HOLDOUT_SPLIT else section.eval_split
-    evaluation = load_split(spec, root, official)
-    if section.eval_limit is not None and section.eval_limit < len(evaluation):
-        evaluation = evaluation.sample(n=section.eval_limit, random_state=section.seed).sort_values("idx").reset_index(drop=True)
-    frames[official] = evaluation
+    frames[official] = _seeded_rows(load_split(spec, root, official), section.eval_limit, section.seed)
     for split in ("train", official, HOLDOUT_SPLIT):
         if split in frames:
             fingerprint = write_split(frames[split], out / f"{split}.parquet", spec, split)
             result[f"{split}_rows"] = len(frames[split])
             result[f"{split}_fingerprint"] = fingerprint
     return result
+
+
+def _seeded_rows(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    """At most ``limit`` rows, a seeded sample kept in file order."""
+    if limit is None or limit >= len(frame):
+        return frame
+    return frame.sample(n=limit, random_state=seed).sort_values("idx").reset_index(drop=True)
 
 
 def _read_rows(path: Path) -> pd.DataFrame:
