@@ -6,6 +6,7 @@ find a stage's inputs in the store without running anything.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -149,12 +150,19 @@ def pruned_from_finetuned(cfg: PipelineConfig) -> bool:
 def check_student(cfg: PipelineConfig) -> None:
     """An impossible student shape fails here, when the stage graph is built, before any stage runs."""
     if cfg.student.init in ("pruned", "teacher_layers"):
-        from transformers import AutoConfig
+        _check_student_once(cfg.teacher, cfg.student.model_dump_json())
 
-        from kd_core.models.registry import resolve_model
-        from kd_core.models.student import check_student_shape
 
-        check_student_shape(AutoConfig.from_pretrained(resolve_model(cfg.teacher)), cfg.student)
+@functools.lru_cache(maxsize=64)
+def _check_student_once(teacher: str, student_json: str) -> None:
+    # dag_for runs for every stage and cache key of a flow run: read the teacher's config once per shape
+    from transformers import AutoConfig
+
+    from kd_core.config import StudentConfig
+    from kd_core.models.registry import resolve_model
+    from kd_core.models.student import check_student_shape
+
+    check_student_shape(AutoConfig.from_pretrained(resolve_model(teacher)), StudentConfig.model_validate_json(student_json))
 
 
 def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:

@@ -367,6 +367,8 @@ def apply_plan(teacher: PreTrainedModel, student: PreTrainedModel, plan: PrunePl
     shared_bias = base_prefix + spec.shared_position_bias + ".weight" if spec.shared_position_bias else None
 
     outside = _residual_axes(teacher, d)
+    picks = [{"hidden": hidden, "ffn": plan.ffn[position], "qk": plan.rows("qk", position), "vo": plan.rows("vo", position)}
+             for position in range(len(plan.layers))]
     new_state = {}
     for name, s_tensor in student.state_dict().items():
         match = _BLOCK_NAME.match(name)
@@ -380,8 +382,7 @@ def apply_plan(teacher: PreTrainedModel, student: PreTrainedModel, plan: PrunePl
                 tensor = _index(tensor, 0, hidden)
             else:
                 row_role, col_role = role
-                pick = {"hidden": hidden, "ffn": plan.ffn[position], "qk": plan.rows("qk", position),
-                        "vo": plan.rows("vo", position)}
+                pick = picks[position]
                 tensor = _index(tensor, 0, pick[row_role])
                 if param == "weight":
                     tensor = _index(tensor, 1, pick[col_role])
@@ -408,11 +409,10 @@ def prune_model(
     student_config: PretrainedConfig,
     batches: Iterable[dict[str, Tensor]],
     layer_selection: Literal["importance", "uniform"] = "importance",
-    model_class=None,
 ) -> tuple[PreTrainedModel, PrunePlan]:
     """Score ``teacher`` on ``batches``, plan the student shape, and cut the student out of it."""
     check_prunable(teacher.config, student_config)
     scores = collect_importance(teacher, batches)
     plan = plan_pruning(scores, teacher.config, student_config, layer_selection)
-    student = (model_class or type(teacher))(student_config)
+    student = type(teacher)(student_config)
     return apply_plan(teacher, student, plan), plan
