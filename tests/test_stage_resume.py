@@ -48,3 +48,8 @@ def test_killed_general_distill_resumes_mid_stage(tmp_path, kd_data_dir, monkeyp
     # exact resume: the resumed student's weights equal an uninterrupted run's, file for file
     for name in ("model/model.safetensors", "model/projections.safetensors"):
         assert (resumed.path / name).read_bytes() == (straight.path / name).read_bytes(), name
+    # ... and so does the whole artifact, loss history included: the same digest, so every
+    # downstream cache key is the one a clean store would have
+    assert resumed.digest == straight.digest
+    straight_result = json.loads((straight.path / "manifest.json").read_text())["result"]
+    assert result["first_loss"] == straight_result["first_loss"] and result["final_loss"] == straight_result["final_loss"]

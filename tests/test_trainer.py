@@ -13,7 +13,9 @@ from kd_core.config import LayerMapping, MatchSpec, StudentConfig, TrainConfig
 from kd_core.models.student import build_student
 from kd_core.train.data import DataPosition, GlobalBatchPlan
 from kd_core.train.objective import ModelShape, Objective, expand_recipe
-from kd_core.train.trainer import CheckpointMismatchError, DistillTrainer, NonFiniteLossError
+from kd_core.train.trainer import (
+    STOP_REQUESTED, CheckpointMismatchError, DistillTrainer, NonFiniteLossError, TrainingInterrupted,
+)
 
 from conftest import tiny_bert
 
@@ -224,3 +226,34 @@ def test_intermediate_loss_falls_with_the_real_teacher(tmp_path, tokenizer, kd_d
     losses = [h["loss"] for h in result.history]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.95 * sum(losses[:3]) / 3, losses
+
+
+class _StopAt:
+    """Requests a stop the way the SIGINT/SIGTERM handler does, after ``step``."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, step, metrics):
+        if step == self.step:
+            STOP_REQUESTED.set()
+
+
+def test_a_requested_stop_checkpoints_and_the_resume_equals_an_uninterrupted_run(tmp_path, wiki_blocks):
+    teacher = tiny_bert()
+    cfg = _train_cfg(log_every=3)  # the stop (step 5) falls between logged steps 3 and 6
+    straight = DistillTrainer(teacher, _student(teacher), _objective(), wiki_blocks, cfg, tmp_path / "a", 0).train()
+
+    stopped = DistillTrainer(teacher, _student(teacher), _objective(), wiki_blocks, cfg, tmp_path / "b", 0,
+                             callbacks=[_StopAt(5)])
+    try:
+        with pytest.raises(TrainingInterrupted, match="stopped at step 5") as raised:
+            stopped.train()
+    finally:
+        STOP_REQUESTED.clear()
+    assert raised.value.step == 5 and raised.value.checkpoint.name == "step-0000005"
+    resumed = DistillTrainer(teacher, _student(teacher), _objective(), wiki_blocks, cfg, tmp_path / "b", 0).train()
+    assert resumed.resumed_from == 5 and resumed.steps == 8
+    # the history is the uninterrupted run's: logged steps 3, 6 and the last, with the same losses
+    assert [row["step"] for row in straight.history] == [3, 6, 8]
+    assert resumed.history == straight.history

@@ -13,6 +13,7 @@ import json
 import random
 import re
 import shutil
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,20 @@ class NonFiniteLossError(RuntimeError):
 
 class CheckpointMismatchError(RuntimeError):
     pass
+
+
+# Set by the command line's SIGINT/SIGTERM handler (flows/interrupt.py); every trainer checks it
+# once per step, so a stop costs at most one step plus a checkpoint.
+STOP_REQUESTED = threading.Event()
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop was requested: the trainer checkpointed at ``step``, and a rerun resumes there."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"stopped at step {step} on request; checkpoint {checkpoint}; rerun the same command to resume")
+        self.step = step
+        self.checkpoint = checkpoint
 
 
 class TrainerCallback(Protocol):
@@ -149,6 +164,9 @@ class DistillTrainer:
         )
         self.step = 0
         self.position = DataPosition()
+        # logged steps since step 0, checkpointed with the weights: a resumed run's history (and
+        # so its artifact digest) equals an uninterrupted run's
+        self.history: list[dict] = []
 
     # ---- properties -------------------------------------------------------------------------
     @property
@@ -202,6 +220,7 @@ class DistillTrainer:
                     "position": asdict(self.position),
                     "fingerprint": self.fingerprint,
                     "num_processes": acc.num_processes,
+                    "history": self.history,
                 },
                 staging / "trainer_state.pt",
             )
@@ -239,6 +258,7 @@ class DistillTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.position = DataPosition(**state["position"])
+        self.history = list(state.get("history", []))
         _set_rng_state(torch.load(path / f"rng-{acc.process_index}.pt", weights_only=False))
 
     # ---- training ---------------------------------------------------------------------------
@@ -252,11 +272,14 @@ class DistillTrainer:
             self.load_checkpoint(checkpoint)
             resumed_from = self.step
         stop = min(until_step or cfg.max_steps, cfg.max_steps)
-        history: list[dict] = []
+        if not resumed_from:
+            self.history = []
         sequences = 0
         train_seconds = 0.0
         self.bundle.train()
         while self.step < stop:
+            if STOP_REQUESTED.is_set():
+                raise TrainingInterrupted(self.step, self.save_checkpoint())
             started = time.perf_counter()
             metrics = self._train_step()
             self.step += 1
@@ -265,8 +288,8 @@ class DistillTrainer:
             metrics["step"] = self.step
             for callback in self.callbacks:
                 callback.on_step(self.step, metrics)
-            if self.step % cfg.log_every == 0 or self.step == stop:
-                history.append(metrics)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self.history.append(metrics)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         if until_step is not None and until_step < cfg.max_steps and (
@@ -279,7 +302,7 @@ class DistillTrainer:
             train_seconds=train_seconds,
             sequences=sequences,
             sequences_per_second=sequences / train_seconds if train_seconds else 0.0,
-            history=history,
+            history=list(self.history),
         )
 
     def batch_targets(self, examples: list[dict], batch: dict[str, torch.Tensor], device):
