@@ -8,10 +8,13 @@ from typing import Any
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
+from flows.console import RunInterrupted, stop_on_signals
 from flows.profiles import load_profile
 from kd_core.artifacts import Artifact
 from kd_core.models.registry import kd_home
-from tasks.runtime import RunContext
+from kd_core.train.trainer import STOP_REQUESTED, StopRequested
+
+from tasks.runtime import RunContext, StageFailed, first_failure
 from tasks.tracking import flatten, setup_tracking, tracking_uri
 
 
@@ -27,6 +30,7 @@ def pipeline_run(flow_name: str, profile: str, overrides: dict[str, Any] | None,
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-load weight bars would flood the flow-run logs
+    STOP_REQUESTED.clear()  # a stop asked of an earlier run in this process is not this run's
     cfg = load_profile(profile, overrides, force)
     experiment_id = setup_tracking()
     client = MlflowClient()
@@ -40,10 +44,21 @@ def pipeline_run(flow_name: str, profile: str, overrides: dict[str, Any] | None,
         client.log_batch(parent.info.run_id, params=params[start : start + 100])
     ctx = RunContext(str(kd_home()), flow_name, parent.info.run_id, flow_run_id, tuple(cfg.force))
     try:
-        yield ctx, cfg
-    except BaseException:
-        client.set_terminated(parent.info.run_id, "FAILED")
+        with stop_on_signals():
+            yield ctx, cfg
+    except BaseException as exc:
+        failure = first_failure(ctx.parent_run_id)
+        cause = failure[1] if failure else exc
+        interrupted = isinstance(cause, (StopRequested, KeyboardInterrupt))
+        client.set_terminated(parent.info.run_id, "KILLED" if interrupted else "FAILED")
+        if failure and failure[1] is not exc:
+            # the stage that raised, not a downstream stage's "Run is in PENDING state"
+            if interrupted:
+                raise RunInterrupted(f"stage {failure[0]} {cause}") from cause
+            raise StageFailed(*failure) from cause
         raise
+    finally:
+        first_failure(ctx.parent_run_id)  # a failure the flow handled itself is not kept around
     client.set_terminated(parent.info.run_id, "FINISHED")
 
 

@@ -8,11 +8,12 @@ from prefect import flow
 
 from flows.run import pipeline_run
 from kd_core.artifacts import Artifact
+from kd_core.errors import UserError
 from tasks.runtime import RunContext, stage_key, stage_task
 from tasks.stages import dag_for, stage_matches
 
 
-class MissingUpstreamError(LookupError):
+class MissingUpstreamError(UserError, LookupError):
     pass
 
 

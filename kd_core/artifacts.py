@@ -124,6 +124,15 @@ class ArtifactStore:
     def path_for(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
+    def lock(self, stage: str, key: str):
+        """An inter-process lock for computing ``stage/key``: runs sharing a store (or a shared
+        filesystem with working ``flock``) compute each key once; the others wait, then find it."""
+        from filelock import FileLock
+
+        path = self.root / ".locks" / stage / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(path))
+
     def work_dir(self, stage: str, key: str) -> Path:
         """Scratch space that survives a killed run (checkpoints), removed once the stage lands."""
         return self.root / ".work" / stage / key

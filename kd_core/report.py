@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from kd_core.artifacts import atomic_file
+from kd_core.errors import UserError
 
 BENCHMARK_COLUMNS = (
     "model", "variant", "device", "dtype", "threads", "batch_size", "seq_len", "params", "disk_mb",
@@ -31,7 +32,7 @@ SUMMARY_COLUMNS = (
 )
 
 
-class ReportInputError(ValueError):
+class ReportInputError(UserError, ValueError):
     pass
 
 

@@ -26,13 +26,14 @@ from kd_core.models.registry import load_model, load_tokenizer
 from kd_core.models.student import build_student, init_layers_of, init_projections_from_channels
 from kd_core.train.objective import ModelShape, Objective, expand_recipe
 from kd_core.train.trainer import DistillTrainer, TrainerCallback, TrainResult
+from kd_core.errors import UserError
 
 MODEL_SUBDIR = "model"
 CORPUS_SUBDIR = "corpus"  # the shards keep their own manifest; the store's sits one level up
 PRUNING_SUBDIR = "pruning"  # kept.parquet and scores.parquet of a pruned student
 
 
-class StageInputError(ValueError):
+class StageInputError(UserError, ValueError):
     pass
 
 

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from filelock import Timeout
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
@@ -20,6 +21,7 @@ from prefect.states import Completed
 
 from kd_core.artifacts import Artifact, ArtifactStore
 from kd_core.config import PipelineConfig
+from kd_core.train.trainer import STOP_REQUESTED, StopRequested
 from tasks.stages import dag_for, stage_matches
 from tasks.tracking import StepMetricsLogger, flatten, register_model_dir, setup_tracking
 
@@ -29,6 +31,33 @@ SMALL_OUTPUTS = (".json", ".md", ".png", ".parquet")
 # trainings on 2 CPU cores each start their own thread team and both run at half speed or worse.
 # KD_TRAINING_SLOTS raises the limit (say, one per GPU of a multi-GPU worker).
 _TRAINING_SLOTS = threading.BoundedSemaphore(max(1, int(os.environ.get("KD_TRAINING_SLOTS", "1"))))
+
+
+class StageFailed(RuntimeError):
+    """A stage raised ``cause``: what the flow run ends with, instead of Prefect's UnfinishedRun
+    of a downstream stage that never started."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"stage {stage} failed: {cause}")
+        self.stage = stage
+        self.cause = cause
+
+
+# The first failure of each flow run (by parent run id), recorded from the task thread that
+# raised it; the flow body's ``with pipeline_run(...)`` re-raises it as StageFailed.
+_FAILURES: dict[str, tuple[str, BaseException]] = {}
+_FAILURES_LOCK = threading.Lock()
+
+
+def first_failure(parent_run_id: str | None) -> tuple[str, BaseException] | None:
+    with _FAILURES_LOCK:
+        return _FAILURES.pop(parent_run_id, None) if parent_run_id else None
+
+
+def _record_failure(ctx: "RunContext", name: str, exc: BaseException) -> None:
+    if ctx.parent_run_id:
+        with _FAILURES_LOCK:
+            _FAILURES.setdefault(ctx.parent_run_id, (name, exc))
 
 
 @dataclass(frozen=True)
@@ -102,14 +131,43 @@ def run_stage(ctx: RunContext, cfg: PipelineConfig, name: str, *inputs: Artifact
     section = stage_section(stage, cfg)
     store = ctx.store
     key = store.stage_key(name, section, input_map)
-    if not stage_matches(list(ctx.force), name):
+    forced = stage_matches(list(ctx.force), name)
+
+    def cached():
         artifact, problem = store.lookup(name, key)
         if problem:
             logger.warning("%s: recomputing, %s", name, problem)
         if artifact is not None:
             logger.info("%s: cached %s", name, artifact.path)
             return Completed(data=artifact, name="Cached", message=f"{name} cached at {artifact.path}")
+        return None
 
+    if not forced and (hit := cached()) is not None:
+        return hit
+    lock = store.lock(name, key)
+    waited = False
+    while True:
+        try:
+            lock.acquire(timeout=1)
+            break
+        except Timeout:
+            if STOP_REQUESTED.is_set():
+                raise StopRequested(f"stopped on request while waiting for another run's {name}") from None
+            if not waited:
+                logger.info("%s: another run is computing this key; waiting for it", name)
+                waited = True
+    try:
+        # the run that held the lock may have just written it
+        if not forced and (hit := cached()) is not None:
+            return hit
+        return _compute_stage(ctx, cfg, stage, name, key, section, input_map, inputs, logger)
+    finally:
+        lock.release()
+
+
+def _compute_stage(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: str, section: dict,
+                   input_map: dict[str, Artifact], inputs: tuple[Artifact, ...], logger):
+    store = ctx.store
     experiment_id = setup_tracking()
     client = MlflowClient()
     tags = {"kd.stage": name, "kd.key": key, "kd.flow": ctx.flow_name, "kd.profile": cfg.profile}
@@ -151,8 +209,9 @@ def run_stage(ctx: RunContext, cfg: PipelineConfig, name: str, *inputs: Artifact
             version = register_model_dir(run_id, artifact.path / "model", registry_name)
             logger.info("%s: registered %s version %s", name, registry_name, version)
         client.set_terminated(run_id, "FINISHED")
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as exc:
+        client.set_terminated(run_id, "KILLED" if isinstance(exc, (StopRequested, KeyboardInterrupt)) else "FAILED")
+        _record_failure(ctx, name, exc)
         raise
     logger.info("%s: wrote %s", name, artifact.path)
     return artifact

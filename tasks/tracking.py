@@ -23,7 +23,9 @@ def tracking_uri() -> str:
 def setup_tracking() -> str:
     """Point MLflow at the store and return the experiment id (artifacts under $KD_HOME)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    with _setup_lock:
+    # threads of one run share _setup_lock; two runs creating one sqlite store at once raced
+    # in MLflow's schema migration ("No such index ..."), so processes take a file lock too
+    with _setup_lock, _store_lock():
         mlflow.set_tracking_uri(tracking_uri())
         client = MlflowClient()
         experiment = client.get_experiment_by_name(EXPERIMENT)
@@ -33,6 +35,18 @@ def setup_tracking() -> str:
                 location = (kd_home() / "mlartifacts").resolve().as_uri()
             return client.create_experiment(EXPERIMENT, artifact_location=location)
         return experiment.experiment_id
+
+
+def _store_lock():
+    from contextlib import nullcontext
+
+    from filelock import FileLock
+
+    if not tracking_uri().startswith("sqlite:"):
+        return nullcontext()
+    path = kd_home() / ".locks" / "mlflow-store.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
 
 
 def flatten(prefix: str, value: Any, out: dict[str, str] | None = None) -> dict[str, str]:

@@ -44,7 +44,10 @@ def register(app: typer.Typer) -> None:
         except (ConfigError, ValueError) as exc:
             console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(2)
-        result = flow_fn(profile=profile, overrides=overrides, force=force)
+        from flows.console import user_facing
+
+        with user_facing("run"):
+            result = flow_fn(profile=profile, overrides=overrides, force=force)
         console.print(f"report: {result['report']}")
 
     @app.command("stage")
@@ -57,13 +60,16 @@ def register(app: typer.Typer) -> None:
         """Rerun one stage on the inputs already in the artifact store."""
         from kd_core.config import ConfigError
         from flows.profiles import load_profile
-        from flows.single_stage import MissingUpstreamError, expand_stage_name, single_stage
+        from flows.single_stage import expand_stage_name, single_stage
         from tasks.stages import dag_for
+
+        from flows.console import user_facing
 
         try:
             overrides, _ = _overrides(param or [])
             expand_stage_name(name, list(dag_for(flow_name, load_profile(profile, overrides))))
-            single_stage(stage=name, profile=profile, overrides=overrides, flow_name=flow_name)
-        except (ConfigError, ValueError, MissingUpstreamError) as exc:
+        except (ConfigError, ValueError) as exc:
             console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(2)
+        with user_facing("stage"):
+            single_stage(stage=name, profile=profile, overrides=overrides, flow_name=flow_name)

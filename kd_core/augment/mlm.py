@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from kd_core.augment.words import is_valid_word
+from kd_core.errors import UserError
 
 logger = logging.getLogger("kd_core.augment")
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class MaskedLMError(ValueError):
+class MaskedLMError(UserError, ValueError):
     pass
 
 

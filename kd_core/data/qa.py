@@ -24,11 +24,13 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from kd_core.errors import UserError
+
 DEV_ARTICLES_TRAIN = "dev-articles-train"
 DEV_ARTICLES_EVAL = "dev-articles-eval"
 
 
-class QADataError(ValueError):
+class QADataError(UserError, ValueError):
     pass
 
 

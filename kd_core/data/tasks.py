@@ -17,8 +17,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kd_core.errors import UserError
 
-class UnknownTaskError(LookupError):
+
+class UnknownTaskError(UserError, LookupError):
     pass
 
 

@@ -19,9 +19,10 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
 from kd_core.train.data import pad_batch
+from kd_core.errors import UserError
 
 
-class LabelOrderError(ValueError):
+class LabelOrderError(UserError, ValueError):
     """A model dir's classifier rows follow another label order than the task's."""
 
 

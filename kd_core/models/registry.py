@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Callable
 
 from kd_core.artifacts import atomic_dir
+from kd_core.errors import UserError
 
 
-class ModelNotFoundError(LookupError):
+class ModelNotFoundError(UserError, LookupError):
     pass
 
 

@@ -18,13 +18,14 @@ from transformers import PretrainedConfig, PreTrainedModel
 from kd_core.config import StudentConfig
 from kd_core.models.adaptors import ModelAdaptor
 from kd_core.models.registry import HEADS, load_model
+from kd_core.errors import UserError
 
 
-class VocabMismatchError(ValueError):
+class VocabMismatchError(UserError, ValueError):
     pass
 
 
-class StudentConfigError(ValueError):
+class StudentConfigError(UserError, ValueError):
     pass
 
 

@@ -16,9 +16,10 @@ from torch import nn
 
 from kd_core.config import LayerMapping, MatchSpec
 from kd_core.losses import get_loss
+from kd_core.errors import UserError
 
 
-class MappingError(ValueError):
+class MappingError(UserError, ValueError):
     """An impossible student→teacher layer mapping."""
 
 

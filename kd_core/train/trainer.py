@@ -32,24 +32,36 @@ from kd_core.config import TrainConfig
 from kd_core.models.adaptors import ModelAdaptor
 from kd_core.train.data import DataPosition, GlobalBatchPlan, pad_batch
 from kd_core.train.objective import Objective
+from kd_core.errors import UserError
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     pass
 
 
 # Set by the command line's SIGINT/SIGTERM handler (flows/interrupt.py); every trainer checks it
 # once per step, so a stop costs at most one step plus a checkpoint.
 STOP_REQUESTED = threading.Event()
+_ACTIVE = [0]
+_ACTIVE_LOCK = threading.Lock()
 
 
-class TrainingInterrupted(RuntimeError):
+def training_active() -> bool:
+    """Whether a trainer in this process is between steps (and so will honour STOP_REQUESTED)."""
+    return _ACTIVE[0] > 0
+
+
+class StopRequested(RuntimeError):
+    """Work ended early because STOP_REQUESTED was set."""
+
+
+class TrainingInterrupted(StopRequested):
     """A stop was requested: the trainer checkpointed at ``step``, and a rerun resumes there."""
 
     def __init__(self, step: int, checkpoint: Path):
@@ -263,7 +275,17 @@ class DistillTrainer:
 
     # ---- training ---------------------------------------------------------------------------
     def train(self, until_step: int | None = None, resume: bool = True) -> TrainResult:
-        """Train to ``config.max_steps`` (or stop early at ``until_step``, checkpointing there)."""
+        """Train to ``config.max_steps`` (or stop early at ``until_step``, checkpointing there).
+        Raises TrainingInterrupted, after a checkpoint, when STOP_REQUESTED is set."""
+        with _ACTIVE_LOCK:
+            _ACTIVE[0] += 1
+        try:
+            return self._train(until_step, resume)
+        finally:
+            with _ACTIVE_LOCK:
+                _ACTIVE[0] -= 1
+
+    def _train(self, until_step: int | None, resume: bool) -> TrainResult:
         acc, cfg = self.accelerator, self.config
         set_seed(cfg.seed + acc.process_index)
         resumed_from = None
