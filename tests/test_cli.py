@@ -38,3 +38,31 @@ def test_kd_distill_reports_bad_input_clearly(tmp_path):
     assert "HF_HUB_OFFLINE=1 forbids the hub" in " ".join(result.output.split())
     result = runner.invoke(app, ["distill", "--data", str(tmp_path), "--student-hidden", "4"])
     assert result.exit_code == 2 and "student.hidden_size" in result.output
+
+
+def test_kd_distill_seed_decides_the_student(tmp_path, tokenizer, kd_data_dir):
+    """Issue 16.7: the same --seed gives the same student and step-1 loss whatever the process's
+    RNG state; another seed gives another."""
+    import torch
+    from safetensors.torch import load_file
+
+    teacher_dir = tmp_path / "teacher"
+    tiny_bert(layers=2, hidden=32, heads=2, intermediate=64).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+
+    def distill(name: str, seed: int, noise: int):
+        torch.manual_seed(noise)  # the RNG state left by whatever ran before must not matter
+        out = tmp_path / name
+        result = runner.invoke(app, [
+            "distill", "--teacher", str(teacher_dir), "--data", str(kd_data_dir / "wikipedia_sample" / "AA" / "wiki_02"),
+            "--student-layers", "1", "--student-hidden", "16", "--student-heads", "2", "--max-steps", "2",
+            "--batch-size", "4", "--max-seq-length", "32", "--log-every", "1", "--seed", str(seed), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        history = json.loads((out / "train_result.json").read_text())["history"]
+        return history[0]["loss"], load_file(str(out / "student" / "model.safetensors"))
+
+    loss_a, weights_a = distill("a", 42, noise=1)
+    loss_b, weights_b = distill("b", 42, noise=2)
+    loss_c, _ = distill("c", 43, noise=1)
+    assert loss_a == loss_b and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert loss_c != loss_a

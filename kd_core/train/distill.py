@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from accelerate.utils import set_seed
+
 from kd_core.config import DistillConfig
 from kd_core.data.corpus import iter_documents, pack_token_blocks
 from kd_core.models.adaptors import ModelAdaptor
@@ -51,6 +53,8 @@ def distill_corpus(
     output_dir = Path(output_dir)
     tokenizer = load_tokenizer(cfg.teacher)
     teacher = load_model(cfg.teacher)
+    # the student's and the projections' random init come from the seed, like the trainer's batches
+    set_seed(cfg.train.seed)
     student = build_student(teacher, cfg.student)
     objective = build_objective(cfg, teacher, student)  # fails on impossible matches before any data work
     train = cfg.train
