@@ -7,10 +7,11 @@ field and the fix, because these configs are written by hand.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+import difflib
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kd_core.errors import UserError
 
@@ -30,6 +31,38 @@ FEATURES = (
 )
 
 
+def _known_recipe(value: str | None) -> str | None:
+    from kd_core.train.objective import RECIPES  # late: the recipes module imports this one
+
+    if value is not None and value not in RECIPES:
+        raise ValueError(f"unknown recipe {value!r}; choose one of {', '.join(sorted(RECIPES))}")
+    return value
+
+
+def _known_loss(value: str) -> str:
+    from kd_core.losses.registry import LOSSES
+
+    if value not in LOSSES:
+        raise ValueError(f"unknown loss {value!r}; choose one of {', '.join(sorted(LOSSES))}")
+    return value
+
+
+def _canonical_task(value: str) -> str:
+    """``SST-2``, ``sst-2`` and ``sst2`` are one task, so one cache key: the registered name.
+    Names only the data dir knows (extra Amazon domains) pass through; the stage graph checks them."""
+    from kd_core.data.tasks import UnknownTaskError, get_task
+
+    try:
+        return get_task(value).name
+    except UnknownTaskError:
+        return value
+
+
+# checked when the config loads, not minutes later when a stage expands the recipe
+RecipeName = Annotated[str, AfterValidator(_known_recipe)]
+LossName = Annotated[str, AfterValidator(_known_loss)]
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
@@ -43,7 +76,7 @@ class MatchSpec(StrictModel):
     """
 
     feature: str
-    loss: str
+    loss: LossName
     student_layer: int | None = None
     teacher_layer: int | None = None
     weight: float = 1.0
@@ -134,7 +167,7 @@ class TrainConfig(StrictModel):
 class DistillConfig(StrictModel):
     teacher: str = "minilm-l6"
     student: StudentConfig = Field(default_factory=StudentConfig)
-    recipe: str | None = Field("tinybert_intermediate", description="a preset that expands into matches")
+    recipe: RecipeName | None = Field("tinybert_intermediate", description="a preset that expands into matches")
     recipe_params: dict[str, Any] = Field(default_factory=dict, description="e.g. temperature, num_relation_heads")
     mapping: LayerMapping = Field(default_factory=LayerMapping)
     matches: list[MatchSpec] = Field(default_factory=list, description="extra or replacing matches")
@@ -148,12 +181,39 @@ class DistillConfig(StrictModel):
         return self
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def format_validation_error(error: ValidationError, source: str, overrides: dict | None = None,
+                            model: type[BaseModel] | None = None) -> str:
+    """One line: each wrong field, named as the ``-p`` key that set it when one did, else as a
+    field of ``source``; an unknown key lists the valid keys of its section."""
+    problems = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"  {where}: {item['msg']}")
-    return "\n".join(lines)
+        parts = [str(part) for part in item["loc"]]
+        where = ".".join(parts) or "(top level)"
+        set_by = next((key for key in (overrides or {}) if where == key or where.startswith(key + ".")), None)
+        label = f"-p {set_by}={(overrides or {})[set_by]}" if set_by else f"{source}: {where}"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden" and model is not None:
+            valid = _fields_at(model, parts[:-1])
+            close = difflib.get_close_matches(parts[-1], valid, n=1)
+            hint = f"; did you mean {'.'.join(parts[:-1] + close)}?" if close else ""
+            message = f"unknown key {where!r}{hint} valid keys there: {', '.join(valid)}"
+        problems.append(f"{label}: {message}")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+def _fields_at(model: type[BaseModel], path: list[str]) -> list[str]:
+    """The field names of the section at ``path`` (``["task"]`` -> TaskSection's)."""
+    import typing
+
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return sorted(model.model_fields)
 
 
 class ConfigError(UserError, ValueError):
@@ -176,7 +236,7 @@ def load_yaml_config(path: str | Path, model: type[BaseModel] = DistillConfig, o
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from None
+        raise ConfigError(format_validation_error(exc, str(path), overrides, model)) from None
 
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -200,7 +260,7 @@ class CorpusSection(StrictModel):
 
 class GeneralDistillSection(StrictModel):
     enabled: bool = Field(True, description="false: the stage writes the student as initialised (the no-GD ablation)")
-    recipe: str = "tinybert_intermediate"
+    recipe: RecipeName = "tinybert_intermediate"
     recipe_params: dict[str, Any] = Field(default_factory=dict)
     mapping: LayerMapping = Field(default_factory=LayerMapping)
     matches: list[MatchSpec] = Field(default_factory=list)
@@ -210,7 +270,7 @@ class GeneralDistillSection(StrictModel):
 class MiniLMSection(GeneralDistillSection):
     """MiniLM / MiniLMv2 / DistilBERT-style general distillation, with MiniLM's teacher assistant."""
 
-    recipe: str = "minilm"
+    recipe: RecipeName = "minilm"
     assistant: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: use one when the student is at most half the teacher in depth and width"
     )
@@ -223,7 +283,7 @@ class MiniLMSection(GeneralDistillSection):
 
 
 class TaskSection(StrictModel):
-    name: str = "sst2"
+    name: Annotated[str, AfterValidator(_canonical_task)] = "sst2"
     max_seq_length: int = Field(64, ge=8)
     train_limit: int | None = Field(None, ge=1, description="first N training rows (after a seeded shuffle)")
     eval_limit: int | None = Field(None, ge=1)
@@ -266,7 +326,7 @@ class AugmentSection(StrictModel):
 
 
 class TaskDistillSection(StrictModel):
-    recipe: str = "tinybert_intermediate"
+    recipe: RecipeName = "tinybert_intermediate"
     recipe_params: dict[str, Any] = Field(default_factory=dict)
     mapping: LayerMapping = Field(default_factory=LayerMapping)
     intermediate: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=500, learning_rate=5e-5))

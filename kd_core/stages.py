@@ -9,7 +9,7 @@ resumes mid-stage. Prefect and MLflow live in ``tasks/``; nothing here imports t
 from __future__ import annotations
 
 import json
-import os
+import logging
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +21,7 @@ import torch
 
 from kd_core.config import FinetuneSection, GeneralDistillSection, LayerMapping, PipelineConfig, StudentConfig, TrainConfig
 from kd_core.data.features import encode_examples
+from kd_core.data.tasks import default_data_dir
 from kd_core.models.adaptors import ModelAdaptor
 from kd_core.models.registry import load_model, load_tokenizer
 from kd_core.models.student import build_student, init_layers_of, init_projections_from_channels
@@ -38,7 +39,9 @@ class StageInputError(UserError, ValueError):
 
 
 def data_root(cfg: PipelineConfig) -> Path:
-    root = Path(cfg.data_dir or os.environ.get("KD_DATA_DIR") or Path.cwd().parent / "shared" / "data")
+    # the loaders' own rule (KD_DATA_DIR, ../shared/data, beside the repo): `kd run` and
+    # `kd prepare-task` find the same data from any working directory
+    root = Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     if not root.is_dir():
         raise StageInputError(f"data dir {root} does not exist; set data_dir in the profile or KD_DATA_DIR")
     return root
@@ -199,7 +202,20 @@ def prepare_task(cfg: PipelineConfig, out: Path) -> dict:
             fingerprint = write_split(frames[split], out / f"{split}.parquet", spec, split)
             result[f"{split}_rows"] = len(frames[split])
             result[f"{split}_fingerprint"] = fingerprint
+            result[f"{split}_empty_text_rows"] = empty = count_empty_texts(frames[split])
+            if empty:
+                logging.getLogger("kd_core.data").warning(
+                    "%s %s: %d of %d rows have an empty text field; they are kept (the model sees only "
+                    "[CLS] [SEP] for them)", spec.name, split, empty, len(frames[split]))
     return result
+
+
+def count_empty_texts(frame: pd.DataFrame) -> int:
+    """Rows whose first text, or second text where the task has one, is empty or whitespace."""
+    empty = frame["text_a"].fillna("").str.strip() == ""
+    if "text_b" in frame and frame["text_b"].notna().any():
+        empty |= frame["text_b"].notna() & (frame["text_b"].fillna("").str.strip() == "")
+    return int(empty.sum())
 
 
 def _seeded_rows(frame: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:

@@ -16,9 +16,8 @@ from tasks.stages import (
     StageDef,
     _dump,
     _evaluation_stages,
-    _task_folder,
     pruned_from_finetuned,
-    source_fingerprint,
+    task_sources_fingerprint,
     task_distill_steps,
     tinybert_dag,
 )
@@ -29,7 +28,13 @@ QA_FEATURE_FIELDS = ("max_seq_length", "doc_stride", "max_query_length")
 
 def _qa_data(c: PipelineConfig) -> dict:
     return {"qa": c.qa.model_dump(mode="json", include=set(QA_DATA_FIELDS)),
-            "source": source_fingerprint(_task_folder(for_task(c, qa.qa_task_name(c))))}
+            "source": task_sources_fingerprint(for_task(c, qa.qa_task_name(c)), _qa_splits(c))}
+
+
+def _qa_splits(c: PipelineConfig) -> list[str]:
+    """The SQuAD splits the QA data stage reads: dev (split by article offline), and train with
+    ``qa.source: train-dev``."""
+    return ["dev", "train"] if c.qa.source == "train-dev" else ["dev"]
 
 
 def _qa_features(c: PipelineConfig) -> dict:

@@ -25,10 +25,31 @@ def source_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _task_folder(cfg: PipelineConfig) -> Path:
+def task_sources_fingerprint(cfg: PipelineConfig, splits: list[str] | None = None) -> str:
+    """The content of the files a task stage reads (default: train and the evaluated split), found
+    by the loaders' own search, so any layout they accept (``SST-2/`` directly under the data dir,
+    an export) invalidates the stage when its data changes."""
+    from kd_core.data.loaders import find_split_source
     from kd_core.data.tasks import get_task
 
-    return core.data_root(cfg) / get_task(cfg.task.name).folder
+    root = core.data_root(cfg)
+    spec = get_task(cfg.task.name, root)
+    if splits is None:
+        splits = [spec.train_split] + ([cfg.task.eval_split] if cfg.task.eval_split != "holdout" else [])
+    digest = hashlib.sha256()
+    for split in sorted(set(splits)):
+        source = find_split_source(spec, root, split)
+        digest.update(f"{split}:{source.layout}\n".encode())
+        for path in map(Path, source.paths):
+            stat = path.stat()
+            digest.update(f"{path.name}:{_file_digest(str(path), stat.st_size, stat.st_mtime_ns)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    # keyed on size and mtime too: stage keys are computed many times per run, files read once
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -63,7 +84,7 @@ PREPARE_CORPUS = StageDef(
 PREPARE_TASK = StageDef(
     "prepare_task",
     (),
-    lambda c: {"task": _dump(c.task), "source": source_fingerprint(_task_folder(c))},
+    lambda c: {"task": _dump(c.task), "source": task_sources_fingerprint(c)},
     lambda c, out, work, cb: core.prepare_task(c, out),
 )
 FINETUNE_TEACHER = StageDef(
@@ -149,7 +170,7 @@ def pruned_from_finetuned(cfg: PipelineConfig) -> bool:
 
 def check_student(cfg: PipelineConfig) -> None:
     """An impossible student shape fails here, when the stage graph is built, before any stage runs."""
-    if cfg.student.init in ("pruned", "teacher_layers"):
+    if cfg.student.init in ("pruned", "teacher_layers", "checkpoint"):
         _check_student_once(cfg.teacher, cfg.student.model_dump_json())
 
 
@@ -162,11 +183,73 @@ def _check_student_once(teacher: str, student_json: str) -> None:
     from kd_core.models.registry import resolve_model
     from kd_core.models.student import check_student_shape
 
-    check_student_shape(AutoConfig.from_pretrained(resolve_model(teacher)), StudentConfig.model_validate_json(student_json))
+    student = StudentConfig.model_validate_json(student_json)
+    checkpoint = AutoConfig.from_pretrained(resolve_model(student.checkpoint)) if student.init == "checkpoint" else None
+    check_student_shape(AutoConfig.from_pretrained(resolve_model(teacher)), student, checkpoint)
+
+
+def check_mappings(cfg: PipelineConfig, sections: tuple[str, ...]) -> None:
+    """Each named section's layer mapping fits the student and teacher depths (``student_init``
+    mappings are known only once the student is built, and are checked then)."""
+    from kd_core.config import ConfigError
+    from kd_core.train.objective import MappingError, map_layers
+
+    for name in sections:
+        mapping = getattr(cfg, name).mapping
+        if mapping.strategy == "student_init":
+            continue
+        try:
+            map_layers(mapping, cfg.student.num_layers, _teacher_layers(cfg.teacher))
+        except MappingError as exc:
+            raise ConfigError(f"{name}.mapping: {exc}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _teacher_layers(teacher: str) -> int:
+    from transformers import AutoConfig
+
+    from kd_core.models.registry import resolve_model
+
+    return AutoConfig.from_pretrained(resolve_model(teacher)).num_hidden_layers
+
+
+def check_task(cfg: PipelineConfig) -> None:
+    """The task exists under the data dir, and the split it is scored on has labels: checked when
+    the graph is built, not after the teacher has trained."""
+    _check_task_once(cfg.task.name, cfg.task.eval_split, str(core.data_root(cfg)))
+
+
+@functools.lru_cache(maxsize=64)
+def _check_task_once(task: str, eval_split: str, data_dir: str) -> None:
+    from kd_core.config import ConfigError
+    from kd_core.data.loaders import available_splits, find_split_source, is_unlabeled_split
+    from kd_core.data.tasks import get_task
+
+    spec = get_task(task, data_dir)
+    if eval_split == "holdout":
+        return
+    split = spec.resolve_split(eval_split)
+    if is_unlabeled_split(split):
+        labeled = [s for s in available_splits(spec, data_dir) if not is_unlabeled_split(s)]
+        files = find_split_source(spec, data_dir, split).paths
+        raise ConfigError(
+            f"task.eval_split={eval_split}: {spec.name}'s {split} split ({', '.join(map(str, files)) or 'the hub'}) has no "
+            f"labels to score against; use one of the labeled splits: {', '.join(labeled + ['holdout'])}")
+
+
+def check_force(flow_name: str, force: list[str], stages: list[str]) -> None:
+    """``force`` names stages of this flow (or their prefixes, as ``task_distill``)."""
+    from kd_core.config import ConfigError
+
+    unknown = [f for f in force if not any(stage_matches([f], name) for name in stages)]
+    if unknown:
+        raise ConfigError(f"-p force: unknown stage {unknown[0]!r} for {flow_name}; its stages: {', '.join(stages)}")
 
 
 def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:
     check_student(cfg)
+    check_task(cfg)
+    check_mappings(cfg, ("task_distill",) if pruned_from_finetuned(cfg) else ("general_distill", "task_distill"))
     task_distill_section = lambda c: {"task": c.task.name, "max_seq_length": c.task.max_seq_length,  # noqa: E731
                                       "task_distill": _dump(c.task_distill)}
     corpus_stages, pruned_stages = [], []
@@ -223,6 +306,7 @@ def minilm_dag(cfg: PipelineConfig) -> list[StageDef]:
     """MiniLM: general distillation (through a teacher assistant when the student is small),
     then the student is fine-tuned on the task, as in the MiniLM paper."""
     check_student(cfg)
+    check_task(cfg)
     if pruned_from_finetuned(cfg):
         raise ValueError("student.prune.source=finetuned is a tinybert-full path (task distillation from the pruned "
                          "fine-tuned teacher); the minilm flow prunes the pre-trained teacher: set it to pretrained")
@@ -296,7 +380,9 @@ DAGS = {"tinybert-full": tinybert_dag, "minilm": minilm_dag, "meta-kd": metakd_d
 def dag_for(flow_name: str, cfg: PipelineConfig) -> dict[str, StageDef]:
     if flow_name not in DAGS:
         raise ValueError(f"unknown flow {flow_name!r}; flows with stages: {', '.join(DAGS)}")
-    return {stage.name: stage for stage in DAGS[flow_name](cfg)}
+    dag = {stage.name: stage for stage in DAGS[flow_name](cfg)}
+    check_force(flow_name, list(cfg.force), list(dag))
+    return dag
 
 
 def stage_matches(force: list[str], name: str) -> bool:

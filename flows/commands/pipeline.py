@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
             # builds the stage graph, which checks the config against the teacher: fails before Prefect starts
             dag_for(flow_name, load_profile(profile, overrides, force))
         except (ConfigError, ValueError) as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2)
         from flows.console import user_facing
 
@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
             overrides, _ = _overrides(param or [])
             expand_stage_name(name, list(dag_for(flow_name, load_profile(profile, overrides))))
         except (ConfigError, ValueError) as exc:
-            console.print(f"[bold red]error:[/] {exc}")
+            console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2)
         with user_facing("stage"):
             single_stage(stage=name, profile=profile, overrides=overrides, flow_name=flow_name)

@@ -94,7 +94,7 @@ _IDX_COLUMNS = ("idx", "index", "id")
 _EXPORT_EXTS = ("parquet", "jsonl", "json", "csv", "tsv")
 
 
-def _is_unlabeled_split(split: str) -> bool:
+def is_unlabeled_split(split: str) -> bool:
     return split.startswith("test") and "labeled" not in split
 
 
@@ -242,7 +242,7 @@ class _Builder:
                 f"missing column {missing[0]!r} (the header has: {', '.join(header)}); task {spec.name} needs {', '.join(wanted)}",
             )
         label_pos = position.get(label_col)
-        if label_pos is None and not _is_unlabeled_split(split):
+        if label_pos is None and not is_unlabeled_split(split):
             raise _fail(
                 self.where(header_loc),
                 f"missing column {label_col!r} (the header has: {', '.join(header)}); split {split!r} of {spec.name} must be labeled",

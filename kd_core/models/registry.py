@@ -134,9 +134,17 @@ def _build_tiny_random_bert(target: Path) -> Path:
     torch.manual_seed(0)  # the same weights on every machine
     model = BertModel(config)
     torch.set_rng_state(generator_state)
-    with atomic_dir(target, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a one-shard bar on every first use, often before an error line
+    try:
+        with atomic_dir(target, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return target
 
 

@@ -133,9 +133,26 @@ def calibration_batches(examples: Sequence[dict], rows: int, seed: int, batch_si
             for start in range(0, len(picked), batch_size)]
 
 
-def check_student_shape(teacher_config: PretrainedConfig, cfg: StudentConfig) -> None:
+def _shape(config: PretrainedConfig) -> str:
+    return (f"{config.num_hidden_layers}x{config.hidden_size} ({config.num_attention_heads} heads, "
+            f"FFN {config.intermediate_size})")
+
+
+def check_checkpoint_shape(wanted: PretrainedConfig, checkpoint: PretrainedConfig, cfg: StudentConfig) -> None:
+    """init=checkpoint trains the checkpoint as it is: its shape must be the one student.* asks for."""
+    fields = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+    if any(getattr(wanted, f) != getattr(checkpoint, f, None) for f in fields):
+        raise StudentConfigError(
+            f"student.checkpoint {cfg.checkpoint} is {_shape(checkpoint)}, but student.* asks for {_shape(wanted)}; "
+            f"set student.num_layers / hidden_size / num_heads / intermediate_size to the checkpoint's shape")
+
+
+def check_student_shape(teacher_config: PretrainedConfig, cfg: StudentConfig,
+                        checkpoint_config: PretrainedConfig | None = None) -> None:
     """Fail before any work when ``cfg`` cannot be built from this teacher."""
     config = student_config(teacher_config, cfg)
+    if cfg.init == "checkpoint" and checkpoint_config is not None:
+        check_checkpoint_shape(config, checkpoint_config, cfg)
     if cfg.init == "pruned":
         from kd_core.models.prune import check_prunable
 
@@ -165,6 +182,7 @@ def build_student(
     auto = getattr(transformers, HEADS[head])
     if cfg.init == "checkpoint":
         student = load_model(cfg.checkpoint, head=head, **config_extra)
+        check_checkpoint_shape(student_config(teacher.config, cfg), student.config, cfg)
         if student.config.vocab_size != teacher.config.vocab_size:
             raise VocabMismatchError(
                 f"student checkpoint {cfg.checkpoint} has vocab {student.config.vocab_size}, the teacher "
