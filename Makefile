@@ -25,6 +25,8 @@ PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 POOL ?= kd-cpu
 SERVE_API_URL = http://127.0.0.1:$(PREFECT_PORT)/api
+# make serve's Prefect API takes basic auth with the secret it writes here (empty for a server without one)
+API_AUTH = PREFECT_API_AUTH_STRING="$$(cat $(KD_HOME)/prefect-api-auth 2>/dev/null)"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -86,14 +88,14 @@ ui: $(STAMP)
 # prefect.yaml's deployments on the kd-cpu / kd-gpu process pools of the Prefect server on
 # PREFECT_PORT (prefect server start --host 127.0.0.1, or docker-compose).
 deploy: $(STAMP)
-	PREFECT_API_URL=$(SERVE_API_URL) $(BIN)/prefect work-pool create kd-cpu --type process --overwrite
-	PREFECT_API_URL=$(SERVE_API_URL) $(BIN)/prefect work-pool create kd-gpu --type process --overwrite
-	PWD=$(CURDIR) PREFECT_API_URL=$(SERVE_API_URL) $(BIN)/prefect --no-prompt deploy --all
+	$(API_AUTH) PREFECT_API_URL=$(SERVE_API_URL) $(BIN)/prefect work-pool create kd-cpu --type process --overwrite
+	$(API_AUTH) PREFECT_API_URL=$(SERVE_API_URL) $(BIN)/prefect work-pool create kd-gpu --type process --overwrite
+	$(API_AUTH) PWD=$(CURDIR) PREFECT_API_URL=$(SERVE_API_URL) $(BIN)/prefect --no-prompt deploy --all
 
 # A process worker on POOL (kd-cpu, or kd-gpu on a GPU host). Its flow runs track to
 # MLFLOW_TRACKING_URI when set, else to $(KD_HOME)/mlflow.db like kd run (make ui shows them).
 worker: setup
-	PREFECT_API_URL=$(SERVE_API_URL) $(BIN)/prefect worker start --pool $(POOL) --type process
+	$(API_AUTH) PREFECT_API_URL=$(SERVE_API_URL) $(BIN)/prefect worker start --pool $(POOL) --type process
 
 # Render the compose stack (CPU, then with the GPU override) without a Docker engine.
 compose-config: docker-compose-cli

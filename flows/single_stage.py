@@ -17,20 +17,34 @@ class MissingUpstreamError(UserError, LookupError):
     pass
 
 
-def resolve_inputs(ctx: RunContext, cfg, name: str) -> list[Artifact]:
+def override_args(overrides: dict[str, Any] | None) -> str:
+    """`` -p key=value`` for each override, quoted for a shell: the hint must rebuild the same keys."""
+    import shlex
+
+    import yaml
+
+    parts = []
+    for key, value in (overrides or {}).items():
+        text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        parts.append(f" -p {shlex.quote(f'{key}={text}')}")
+    return "".join(parts)
+
+
+def resolve_inputs(ctx: RunContext, cfg, name: str, overrides: dict[str, Any] | None = None) -> list[Artifact]:
     """The stored artifacts a stage would read, found by recomputing the upstream keys."""
     dag = dag_for(ctx.flow_name, cfg)
     flow_name = ctx.flow_name
     found = []
     for upstream in dag[name].inputs:
-        inputs = dict(zip(dag[upstream].inputs, resolve_inputs(ctx, cfg, upstream)))
+        inputs = dict(zip(dag[upstream].inputs, resolve_inputs(ctx, cfg, upstream, overrides)))
         key = stage_key(ctx, cfg, upstream, inputs)
         artifact, problem = ctx.store.lookup(upstream, key)
         if artifact is None:
             why = f" ({problem})" if problem else ""
             raise MissingUpstreamError(
                 f"stage {name} needs {upstream} for this config, and the store has none{why}; run it first: "
-                f"kd run {flow_name} --profile {cfg.profile} (or kd stage {upstream} --profile {cfg.profile})"
+                f"kd run {flow_name} --profile {cfg.profile}{override_args(overrides)} "
+                f"(or kd stage {upstream} --profile {cfg.profile}{override_args(overrides)})"
             )
         found.append(artifact)
     return found
@@ -56,7 +70,7 @@ def single_stage(stage: str, profile: str = "smoke", overrides: dict[str, Any] |
     with pipeline_run(flow_name, profile, overrides, names) as (ctx, cfg):
         written = []
         for name in names:
-            inputs = resolve_inputs(ctx, cfg, name)
+            inputs = resolve_inputs(ctx, cfg, name, overrides)
             artifact = stage_task(name)(ctx, cfg, *inputs)
             written.append(str(artifact.path))
             print(f"{name}: {artifact.path}")

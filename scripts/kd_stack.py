@@ -197,16 +197,22 @@ def descendants(pid: int) -> list[tuple[int, str]]:
     return found
 
 
-def http_json(url: str, payload: dict | None = None, timeout: float = 10.0, method: str | None = None):
+def http_json(url: str, payload: dict | None = None, timeout: float = 10.0, method: str | None = None,
+              auth: str | None = None):
     data = None if payload is None else json.dumps(payload).encode()
     request = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
     request.add_header("Content-Type", "application/json")
+    if auth:
+        import base64
+
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     with urllib.request.urlopen(request, timeout=timeout) as response:
         body = response.read()
     return json.loads(body) if body else None
 
 
-def wait_http(url: str, service: Service | None = None, timeout: float = 90.0, what: str = "") -> None:
+def wait_http(url: str, service: Service | None = None, timeout: float = 90.0, what: str = "",
+              auth: str | None = None) -> None:
     """Poll ``url`` until it answers 200; fail early if ``service`` dies."""
     deadline = time.monotonic() + timeout
     last = None
@@ -214,7 +220,12 @@ def wait_http(url: str, service: Service | None = None, timeout: float = 90.0, w
         if service is not None and not service.running():
             raise RuntimeError(service.describe_exit())
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:
+            request = urllib.request.Request(url)
+            if auth:
+                import base64
+
+                request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+            with urllib.request.urlopen(request, timeout=5) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
@@ -223,8 +234,38 @@ def wait_http(url: str, service: Service | None = None, timeout: float = 90.0, w
     raise TimeoutError(f"{what or url} not up after {timeout:.0f}s (last error: {last})")
 
 
-def prefect_server(port: int, home: Path | None = None, log: Path | None = None, ui: bool = True) -> Service:
-    env: dict[str, str | None] = {"PREFECT_API_URL": None}  # the server must not point at another API
+API_AUTH_FILE = "prefect-api-auth"
+
+
+def api_auth(home: Path) -> str:
+    """The Prefect API's basic-auth string for this KD_HOME (``kd:<random>``), made once, mode 0600."""
+    path = home / API_AUTH_FILE
+    if not path.is_file():
+        import secrets
+
+        home.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"kd:{secrets.token_urlsafe(24)}\n")
+    return path.read_text().strip()
+
+
+def prefect_server(port: int, home: Path | None = None, log: Path | None = None, ui: bool = True,
+                   auth: str | None = None) -> Service:
+    origins = f"http://{HOST}:{port},http://localhost:{port}"
+    env: dict[str, str | None] = {
+        "PREFECT_API_URL": None,  # the server must not point at another API
+        # the UI calls the API it is served with, on this port (it defaulted to 4200)
+        "PREFECT_SERVER_UI_API_URL": f"http://{HOST}:{port}/api",
+        # only the UI's own pages may call the API from a browser (the default was any origin)
+        "PREFECT_SERVER_CORS_ALLOWED_ORIGINS": origins,
+        "PREFECT_SERVER_CORS_ALLOWED_METHODS": "GET,POST,PUT,PATCH,DELETE,OPTIONS",
+        "PREFECT_SERVER_CORS_ALLOWED_HEADERS": "Authorization,Content-Type,X-CSRF-Token,X-Prefect-Csrf-Token",
+    }
+    if auth:
+        # Prefect has no allowed-hosts check: a page on another origin (or DNS rebinding) can
+        # still reach 127.0.0.1, so every API call needs this secret
+        env["PREFECT_SERVER_API_AUTH_STRING"] = auth
     if home is not None:
         env["PREFECT_HOME"] = str(home)
     return Service("prefect-server", prefect_server_cmd(port, ui), env, log)
@@ -283,22 +324,24 @@ def serve(args) -> int:
     signal.signal(signal.SIGTERM, _raise_terminate)
     services: list[Service] = []
     try:
-        prefect = prefect_server(prefect_port, home / "prefect", logs / "prefect-server.log").start()
+        auth = api_auth(home)
+        prefect = prefect_server(prefect_port, home / "prefect", logs / "prefect-server.log", auth=auth).start()
         services.append(prefect)
         bootstrap_store(home)  # while the Prefect server starts
         mlflow = mlflow_server(mlflow_port, sqlite_store(home), home / "mlartifacts", logs / "mlflow-server.log", args.mlflow_workers).start()
         services.append(mlflow)
-        wait_http(f"{api_url}/health", prefect, args.timeout, "Prefect server")
+        wait_http(f"{api_url}/health", prefect, args.timeout, "Prefect server", auth=auth)
         wait_http(f"{tracking}/health", mlflow, args.timeout, "MLflow server")
         print(f"Prefect server  http://{HOST}:{prefect_port}   (log {logs / 'prefect-server.log'})")
         print(f"MLflow server   {tracking}   (log {logs / 'mlflow-server.log'})")
         print("From another shell:")
         print(f"  export PREFECT_API_URL={api_url}")
+        print(f'  export PREFECT_API_AUTH_STRING="$(cat {home / API_AUTH_FILE})"')
         print("  .venv/bin/prefect deployment run tinybert-full/default -p profile=smoke", flush=True)
         runner = Service(
             "deployments",
             serve_cmd(args.limit),
-            {"PREFECT_API_URL": api_url, "MLFLOW_TRACKING_URI": tracking, "KD_HOME": str(home)},
+            {"PREFECT_API_URL": api_url, "PREFECT_API_AUTH_STRING": auth, "MLFLOW_TRACKING_URI": tracking, "KD_HOME": str(home)},
             stop_signal=signal.SIGINT,  # prefect.serve's clean exit (its SIGTERM path warns)
         ).start()
         services.append(runner)

@@ -89,18 +89,18 @@ def run_deployment(env: dict, name: str, *params: str) -> str:
     return match.group(1)
 
 
-def wait_flow_run(api: str, run_id: str, timeout: float, diagnostics) -> dict:
+def wait_flow_run(api: str, run_id: str, timeout: float, diagnostics, auth: str | None = None) -> dict:
     deadline = time.monotonic() + timeout
     run = {}
     while time.monotonic() < deadline:
-        run = kd_stack.http_json(f"{api}/flow_runs/{run_id}")
+        run = kd_stack.http_json(f"{api}/flow_runs/{run_id}", auth=auth)
         if run.get("state_type") in TERMINAL:
             return run
         time.sleep(1)
     raise AssertionError(f"flow run {run_id} still {run.get('state_type')} after {timeout}s\n{diagnostics()}")
 
 
-def wait_deployments(api: str, names: list[str], timeout: float, alive, diagnostics) -> dict[str, dict]:
+def wait_deployments(api: str, names: list[str], timeout: float, alive, diagnostics, auth=None) -> dict[str, dict]:
     deadline = time.monotonic() + timeout
     found: dict[str, dict] = {}
     while time.monotonic() < deadline:
@@ -108,7 +108,7 @@ def wait_deployments(api: str, names: list[str], timeout: float, alive, diagnost
         for name in names:
             if name not in found:
                 try:
-                    found[name] = kd_stack.http_json(f"{api}/deployments/name/{name}", timeout=5)
+                    found[name] = kd_stack.http_json(f"{api}/deployments/name/{name}", timeout=5, auth=auth() if auth else None)
                 except OSError:
                     pass
         if len(found) == len(names):
@@ -190,9 +190,17 @@ def stack(tmp_path_factory, kd_data_dir):
         "diagnostics": diagnostics,
         "cli_env": {**env, "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api"},
     }
+    auth_file = home / kd_stack.API_AUTH_FILE
+
+    def auth() -> str:  # written by the stack when it starts
+        return auth_file.read_text().strip() if auth_file.is_file() else ""
+
     try:
         started = time.monotonic()
-        info["deployments"] = wait_deployments(info["api"], deployment_names(), STACK_UP_S, lambda: proc.poll() is None, diagnostics)
+        info["deployments"] = wait_deployments(info["api"], deployment_names(), STACK_UP_S, lambda: proc.poll() is None,
+                                               diagnostics, auth)
+        info["auth"] = auth()
+        info["cli_env"]["PREFECT_API_AUTH_STRING"] = info["auth"]
         info["startup_s"] = time.monotonic() - started
         yield info
     finally:
@@ -225,7 +233,7 @@ def test_deployment_run_completes_and_mlflow_has_the_runs(stack):
     env, api, tracking = stack["cli_env"], stack["api"], stack["tracking"]
     started = time.monotonic()
     run_id = run_deployment(env, f"{FLOW}/default", "profile=smoke")
-    run = wait_flow_run(api, run_id, FLOW_RUN_S, stack["diagnostics"])
+    run = wait_flow_run(api, run_id, FLOW_RUN_S, stack["diagnostics"], stack["auth"])
     elapsed = time.monotonic() - started
     assert run["state_type"] == "COMPLETED", f"{run['state_type']}: {run['state']}\n{stack['diagnostics']()}"
     assert run["parameters"] == {"profile": "smoke"}
@@ -259,12 +267,47 @@ def test_json_parameters_from_the_cli(stack):
         pytest.skip("needs the first deployment run")
     env, api, tracking = stack["cli_env"], stack["api"], stack["tracking"]
     run_id = run_deployment(env, f"{FLOW}/default", "profile=smoke", 'force=["evaluate"]')
-    run = wait_flow_run(api, run_id, FLOW_RUN_S, stack["diagnostics"])
+    run = wait_flow_run(api, run_id, FLOW_RUN_S, stack["diagnostics"], stack["auth"])
     assert run["state_type"] == "COMPLETED", f"{run['state_type']}: {run['state']}\n{stack['diagnostics']()}"
     assert run["parameters"] == {"profile": "smoke", "force": ["evaluate"]}
     _, stages = parent_and_stages(mlflow_runs(tracking, run_id))
     assert "evaluate" in stages
     assert not {"prepare_corpus", "general_distill", "finetune_teacher", "task_distill_intermediate"} & set(stages), sorted(stages)
+
+
+def _raw(url: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None):
+    """(status, headers) of one request, without raising on 4xx."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers)
+
+
+def test_the_prefect_ui_and_api_serve_their_own_origin_only(stack):
+    """Issue 14.1: the UI calls the API on its own port. Issue 16.6: no CORS grant to other
+    origins, and every API call (a foreign Host header included) needs the KD_HOME's auth string."""
+    import base64
+
+    base = stack["api"].removesuffix("/api")
+    ui_settings = kd_stack.http_json(f"{base}/ui-settings")
+    assert ui_settings["api_url"] == stack["api"], ui_settings
+    basic = {"Authorization": "Basic " + base64.b64encode(stack["auth"].encode()).decode()}
+    query = (f"{stack['api']}/flow_runs/filter", "POST")
+    assert _raw(*query, {"Content-Type": "application/json"}, b"{}")[0] == 401
+    assert _raw(*query, {"Content-Type": "application/json", "Host": "evil.example"}, b"{}")[0] == 401
+    assert _raw(*query, {"Content-Type": "application/json", **basic}, b"{}")[0] == 200
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    _, foreign = _raw(query[0], "OPTIONS", {**preflight, "Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in {k.lower() for k in foreign}, foreign
+    own = base.replace("/api", "")
+    _, allowed = _raw(query[0], "OPTIONS", {**preflight, "Origin": own})
+    assert {k.lower(): v for k, v in allowed.items()}.get("access-control-allow-origin") == own, allowed
+    assert (stack["home"] / kd_stack.API_AUTH_FILE).stat().st_mode & 0o077 == 0  # the secret is the user's alone
 
 
 def test_stack_stops_cleanly(stack):

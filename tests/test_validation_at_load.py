@@ -138,3 +138,17 @@ def test_kd_run_with_a_typo_fails_in_one_line_before_anything_starts(tmp_path, k
     assert output.splitlines() == [output.splitlines()[0]] and "unknown stage 'task_distil'" in output, output
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "artifacts").exists()
     assert elapsed < 20, elapsed
+
+
+def test_the_run_it_first_hint_carries_the_overrides(tmp_path, kd_data_dir):
+    """Issue 14.5: on an empty store, the suggested commands rebuild the artifact this command needs."""
+    env = {**os.environ, "KD_HOME": str(tmp_path), "KD_DATA_DIR": str(kd_data_dir)}
+    env.pop("PREFECT_API_URL", None)
+    result = subprocess.run([sys.executable, "-c", "from flows.cli import app; app()", "stage", "task_distill",
+                             "--profile", "smoke", "-p", "augment.n_aug=5", "-p", "task.train_limit=64"],
+                            capture_output=True, text=True, env=env, timeout=180)
+    output = (result.stdout + result.stderr).strip()
+    last = output.splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert "run it first: kd run tinybert-full --profile smoke -p augment.n_aug=5 -p task.train_limit=64 " in last, last
+    assert "kd stage " in last and last.count("-p augment.n_aug=5 -p task.train_limit=64") == 2, last
