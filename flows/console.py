@@ -25,7 +25,7 @@ import typer
 from rich.console import Console
 
 from kd_core.errors import user_error_in
-from kd_core.train.trainer import STOP_REQUESTED, StopRequested, training_active
+from kd_core.stop import STOP_REQUESTED, StopRequested, stoppable_work_running
 
 console = Console(stderr=True)
 EXIT_USER_ERROR = 2
@@ -84,18 +84,10 @@ def _prefect_console_handlers() -> list[logging.Handler]:
     return found
 
 
-def _stop_ephemeral_servers() -> None:
-    """Stop the ephemeral Prefect API server now (Prefect would at exit), so nothing prints after
-    the last line and no server outlives the command."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.server.api.server import SubprocessASGIServer
-
-    # the flow run's last logs and state events reach the server before it goes
-    APILogWorker.drain_all(timeout=5)
-    EventsWorker.drain_all(timeout=5)
-    for server in list(SubprocessASGIServer._instances.values()):
-        server.stop()
+def _quiet_ephemeral_server_exit() -> None:
+    """Prefect stops its ephemeral server at exit, after its log and event workers have flushed
+    to it; its "Stopping temporary server" line would then follow the command's last line."""
+    logging.getLogger("prefect.server.api.server").setLevel(logging.WARNING)
 
 
 _SIGNAL = [signal.SIGINT]
@@ -116,15 +108,15 @@ def stop_on_signals():
     def on_signal(signum, frame):
         name = signal.Signals(signum).name
         _SIGNAL[0] = signum
-        if STOP_REQUESTED.is_set() or not training_active():
+        if STOP_REQUESTED.is_set() or not stoppable_work_running():
             STOP_REQUESTED.set()  # a training stage that starts later stops at its first step
             handler = previous[signum]
             if signum == signal.SIGTERM and callable(handler):
                 return handler(signum, frame)
             raise RunInterrupted(f"{name}: stopped")
         STOP_REQUESTED.set()
-        console.print(f"[yellow]{name}:[/] checkpointing the running training stage and stopping "
-                      f"(send it again to stop at once)", soft_wrap=True)
+        console.print(f"[yellow]{name}:[/] stopping the running stages (a training stage checkpoints first; "
+                      f"send it again to stop at once)", soft_wrap=True)
 
     for signum in previous:
         signal.signal(signum, on_signal)
@@ -150,6 +142,27 @@ def _install_exit_handlers() -> dict:
     return {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
+def reap_orphans(home: Path) -> list[int]:
+    """What a ``kill -9`` of an earlier command on this KD_HOME left: its ephemeral Prefect server
+    (now a child of init) is stopped. Only servers that are ephemeral, orphaned and started for
+    this KD_HOME are touched. Returns their pids."""
+    import psutil
+
+    reaped: list = []
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
+        try:
+            if proc.info["ppid"] != 1 or "prefect.server.api.server:create_app" not in " ".join(proc.info["cmdline"] or []):
+                continue
+            env = proc.environ()
+            if env.get("PREFECT__SERVER_EPHEMERAL") == "1" and Path(env.get("KD_HOME", "/nonexistent")).resolve() == home.resolve():
+                proc.terminate()
+                reaped.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    psutil.wait_procs(reaped, timeout=5)
+    return [proc.pid for proc in reaped]
+
+
 def log_path_for(command: str) -> Path:
     from kd_core.models.registry import kd_home
 
@@ -159,7 +172,11 @@ def log_path_for(command: str) -> Path:
 @contextmanager
 def user_facing(command: str):
     """Wrap one `kd` command: signals, the log file, and the one-line ending."""
+    from kd_core.models.registry import kd_home
+
     log_path = log_path_for(command)
+    for pid in reap_orphans(kd_home()):
+        console.print(f"[yellow]stopped an ephemeral Prefect server (pid {pid}) left by a killed kd command[/]")
     handlers = _prefect_console_handlers()
     traceback_filter = _TracebackToFile(log_path)
     for handler in handlers:
@@ -173,12 +190,12 @@ def user_facing(command: str):
         _append_log(log_path, f"kd {command}", exc)
         stopped = _shown_as_one_line(exc) if not isinstance(exc, SystemExit) else None
         if stopped is not None or isinstance(exc, KeyboardInterrupt):
-            _stop_ephemeral_servers()
+            _quiet_ephemeral_server_exit()
             console.print(f"[bold yellow]stopped:[/] {stopped or exc} (log: {log_path})", soft_wrap=True)
             raise typer.Exit(128 + int(_SIGNAL[0])) from None
         user = _user_error(exc)
         if user is not None:
-            _stop_ephemeral_servers()
+            _quiet_ephemeral_server_exit()
             stage = getattr(exc, "stage", None)
             where = f"stage {stage}: " if stage else ""
             console.print(f"[bold red]error:[/] {where}{user} (traceback: {log_path})", soft_wrap=True)

@@ -12,9 +12,9 @@ from flows.console import RunInterrupted, stop_on_signals
 from flows.profiles import load_profile
 from kd_core.artifacts import Artifact
 from kd_core.models.registry import kd_home
-from kd_core.train.trainer import STOP_REQUESTED, StopRequested
+from kd_core.stop import STOP_REQUESTED, StopRequested
 
-from tasks.runtime import RunContext, StageFailed, first_failure
+from tasks.runtime import RunContext, StageFailed, close_abandoned_runs, first_failure, process_tags
 from tasks.tracking import flatten, setup_tracking, tracking_uri
 
 
@@ -35,7 +35,8 @@ def pipeline_run(flow_name: str, profile: str, overrides: dict[str, Any] | None,
     experiment_id = setup_tracking()
     client = MlflowClient()
     flow_run_id = _prefect_flow_run_id()
-    tags = {"kd.flow": flow_name, "kd.profile": cfg.profile}
+    close_abandoned_runs(client, experiment_id)
+    tags = {"kd.flow": flow_name, "kd.profile": cfg.profile, **process_tags()}
     if flow_run_id:
         tags["prefect.flow_run_id"] = flow_run_id
     parent = client.create_run(experiment_id, run_name=f"{flow_name}:{cfg.profile}", tags=tags)

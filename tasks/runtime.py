@@ -21,7 +21,7 @@ from prefect.states import Completed
 
 from kd_core.artifacts import Artifact, ArtifactStore
 from kd_core.config import PipelineConfig
-from kd_core.train.trainer import STOP_REQUESTED, StopRequested
+from kd_core.stop import STOP_REQUESTED, StopRequested, check_stop, stoppable
 from tasks.stages import dag_for, stage_matches
 from tasks.tracking import StepMetricsLogger, flatten, register_model_dir, setup_tracking
 
@@ -58,6 +58,27 @@ def _record_failure(ctx: "RunContext", name: str, exc: BaseException) -> None:
     if ctx.parent_run_id:
         with _FAILURES_LOCK:
             _FAILURES.setdefault(ctx.parent_run_id, (name, exc))
+
+
+def process_tags() -> dict[str, str]:
+    """Which process owns a RUNNING MLflow run: a later run marks it KILLED once that process is gone."""
+    return {"kd.host": socket.gethostname(), "kd.pid": str(os.getpid())}
+
+
+def close_abandoned_runs(client: MlflowClient, experiment_id: str) -> int:
+    """RUNNING runs of this host whose process no longer exists (a kill -9, a power cut) become
+    KILLED, so the MLflow UI does not show them running for good."""
+    import psutil
+
+    stale = client.search_runs(
+        [experiment_id], f"attributes.status = 'RUNNING' and tags.`kd.host` = '{socket.gethostname()}'", max_results=1000)
+    closed = 0
+    for run in stale:
+        pid = int(run.data.tags.get("kd.pid", "0") or 0)
+        if pid and not psutil.pid_exists(pid):
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed += 1
+    return closed
 
 
 @dataclass(frozen=True)
@@ -160,7 +181,9 @@ def run_stage(ctx: RunContext, cfg: PipelineConfig, name: str, *inputs: Artifact
         # the run that held the lock may have just written it
         if not forced and (hit := cached()) is not None:
             return hit
-        return _compute_stage(ctx, cfg, stage, name, key, section, input_map, inputs, logger)
+        check_stop(f"stage {name}")  # a stop asked while it queued: it does not start
+        with stoppable():
+            return _compute_stage(ctx, cfg, stage, name, key, section, input_map, inputs, logger)
     finally:
         lock.release()
 
@@ -170,7 +193,7 @@ def _compute_stage(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: 
     store = ctx.store
     experiment_id = setup_tracking()
     client = MlflowClient()
-    tags = {"kd.stage": name, "kd.key": key, "kd.flow": ctx.flow_name, "kd.profile": cfg.profile}
+    tags = {"kd.stage": name, "kd.key": key, "kd.flow": ctx.flow_name, "kd.profile": cfg.profile, **process_tags()}
     if ctx.parent_run_id:
         tags["mlflow.parentRunId"] = ctx.parent_run_id
     if ctx.flow_run_id:

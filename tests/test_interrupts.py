@@ -125,3 +125,30 @@ def test_two_runs_on_one_fresh_store_compute_every_stage_once(tmp_path, kd_data_
     assert computed == sorted(stages)
     # the two reports are one artifact, so both runs printed the same table
     assert outputs[0].split("| teacher |")[1][:200] == outputs[1].split("| teacher |")[1][:200]
+
+
+def test_after_kill_9_the_next_command_stops_the_orphaned_server_closes_the_runs_and_resumes(tmp_path, kd_data_dir):
+    home = tmp_path / "home"
+    env = _env(home, kd_data_dir)
+    long_gd = ["-p", "general_distill.train.max_steps=300", "-p", "general_distill.train.checkpoint_every=20"]
+    proc = subprocess.Popen([*KD, "run", "tinybert-full", "--profile", "smoke", *long_gd],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 240
+    while not list((home / "artifacts" / ".work" / "general_distill").glob("*/checkpoints/step-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "general distillation never checkpointed"
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    time.sleep(1)
+    orphans = _our_prefect_servers(home)
+    assert orphans and all(p.ppid() == 1 for p in orphans)  # what kill -9 leaves: nothing can clean up in-process
+    assert any(status == "RUNNING" for _, status, _ in _runs(home))
+
+    rerun = subprocess.run([*KD, "stage", "general_distill", "--profile", "smoke", *long_gd],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    assert f"pid {orphans[0].pid}" in rerun.stdout + rerun.stderr
+    assert not _our_prefect_servers(home)
+    assert not any(status == "RUNNING" for _, status, _ in _runs(home))
+    (manifest,) = _manifests(home, "general_distill")
+    assert manifest["result"]["resumed_from"] > 0

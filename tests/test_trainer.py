@@ -13,9 +13,8 @@ from kd_core.config import LayerMapping, MatchSpec, StudentConfig, TrainConfig
 from kd_core.models.student import build_student
 from kd_core.train.data import DataPosition, GlobalBatchPlan
 from kd_core.train.objective import ModelShape, Objective, expand_recipe
-from kd_core.train.trainer import (
-    STOP_REQUESTED, CheckpointMismatchError, DistillTrainer, NonFiniteLossError, TrainingInterrupted,
-)
+from kd_core.stop import STOP_REQUESTED
+from kd_core.train.trainer import CheckpointMismatchError, DistillTrainer, NonFiniteLossError, TrainingInterrupted
 
 from conftest import tiny_bert
 

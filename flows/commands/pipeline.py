@@ -24,10 +24,16 @@ def _overrides(pairs: list[str]) -> tuple[dict, list[str] | None]:
 
 
 def register(app: typer.Typer) -> None:
+    from flows.profiles import available_profiles
+    from flows.registry import FLOW_NAMES
+
+    flows_help = " | ".join(FLOW_NAMES)
+    profiles_help = " | ".join(available_profiles()) + " | path/to/profile.yaml"
+
     @app.command("run")
     def run(
-        flow_name: str = typer.Argument(..., help="tinybert-full"),
-        profile: str = typer.Option("smoke", help="smoke | demo | paper | path/to/profile.yaml"),
+        flow_name: str = typer.Argument(..., help=flows_help),
+        profile: str = typer.Option("smoke", help=profiles_help),
         param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="key=value override, e.g. task.train_limit=500 or force='[\"augment\"]'"),
     ):
         """Run a pipeline flow in-process (ephemeral Prefect, MLflow on sqlite by default)."""
@@ -53,8 +59,8 @@ def register(app: typer.Typer) -> None:
     @app.command("stage")
     def stage(
         name: str = typer.Argument(..., help="a stage name, e.g. task_distill or evaluate"),
-        profile: str = typer.Option("smoke"),
-        flow_name: str = typer.Option("tinybert-full", "--flow", help="whose stage table to use"),
+        profile: str = typer.Option("smoke", help=profiles_help),
+        flow_name: str = typer.Option("tinybert-full", "--flow", help=f"whose stage table to use: {flows_help}"),
         param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="key=value override"),
     ):
         """Rerun one stage on the inputs already in the artifact store."""

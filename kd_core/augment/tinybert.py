@@ -42,6 +42,7 @@ from kd_core.augment.mlm import MaskedLM, MaskRequest
 from kd_core.augment.vectors import NeighbourIndex, WordVectors, load_word_vectors
 from kd_core.augment.words import is_eligible, match_case, split_words
 from kd_core.errors import UserError
+from kd_core.stop import check_stop
 
 logger = logging.getLogger("kd_core.augment")
 
@@ -310,6 +311,7 @@ class TinyBertAugmenter:
 
             chunks = tqdm(chunks, desc="augment", unit="chunk")
         for start in chunks:
+            check_stop("augmentation")
             stop = min(start + cfg.chunk_size, len(frame))
             segments = [(r, 0, text_a[r]) for r in range(start, stop)]
             segments += [(r, 1, text_b[r]) for r in range(start, stop) if text_b[r] is not None]

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from kd_core.data.schemas import CORPUS_SCHEMA
 from kd_core.errors import UserError
+from kd_core.stop import check_stop
 
 
 class CorpusError(UserError, ValueError):
@@ -113,6 +114,7 @@ def pack_token_blocks(
         raise CorpusError("the tokenizer has no [CLS]/[SEP] (or <s>/</s>) tokens")
     made = 0
     for doc in documents:
+        check_stop("corpus preparation")
         # verbose=False: long lines are split into blocks below, so the >max-length warning is noise.
         encoded = tokenizer(doc, add_special_tokens=False, verbose=False)["input_ids"]
         buffer: list[int] = []

@@ -20,6 +20,7 @@ from sklearn.metrics import f1_score, matthews_corrcoef
 
 from kd_core.train.data import pad_batch
 from kd_core.errors import UserError
+from kd_core.stop import check_stop
 
 
 class LabelOrderError(UserError, ValueError):
@@ -170,6 +171,7 @@ def predict_logits(model, examples: list[dict], pad_token_id: int, batch_size: i
     device = next(model.parameters()).device
     outputs = []
     for start in range(0, len(examples), batch_size):
+        check_stop("evaluation")
         batch = pad_batch(examples[start : start + batch_size], pad_token_id)
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         outputs.append(model(**inputs).logits.float().cpu().numpy())

@@ -13,7 +13,6 @@ import json
 import random
 import re
 import shutil
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ from kd_core.models.adaptors import ModelAdaptor
 from kd_core.train.data import DataPosition, GlobalBatchPlan, pad_batch
 from kd_core.train.objective import Objective
 from kd_core.errors import UserError
+from kd_core.stop import STOP_REQUESTED, StopRequested, stoppable
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
@@ -44,21 +44,6 @@ class NonFiniteLossError(UserError, RuntimeError):
 class CheckpointMismatchError(UserError, RuntimeError):
     pass
 
-
-# Set by the command line's SIGINT/SIGTERM handler (flows/interrupt.py); every trainer checks it
-# once per step, so a stop costs at most one step plus a checkpoint.
-STOP_REQUESTED = threading.Event()
-_ACTIVE = [0]
-_ACTIVE_LOCK = threading.Lock()
-
-
-def training_active() -> bool:
-    """Whether a trainer in this process is between steps (and so will honour STOP_REQUESTED)."""
-    return _ACTIVE[0] > 0
-
-
-class StopRequested(RuntimeError):
-    """Work ended early because STOP_REQUESTED was set."""
 
 
 class TrainingInterrupted(StopRequested):
@@ -277,13 +262,8 @@ class DistillTrainer:
     def train(self, until_step: int | None = None, resume: bool = True) -> TrainResult:
         """Train to ``config.max_steps`` (or stop early at ``until_step``, checkpointing there).
         Raises TrainingInterrupted, after a checkpoint, when STOP_REQUESTED is set."""
-        with _ACTIVE_LOCK:
-            _ACTIVE[0] += 1
-        try:
+        with stoppable():
             return self._train(until_step, resume)
-        finally:
-            with _ACTIVE_LOCK:
-                _ACTIVE[0] -= 1
 
     def _train(self, until_step: int | None, resume: bool) -> TrainResult:
         acc, cfg = self.accelerator, self.config
