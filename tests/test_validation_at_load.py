@@ -152,3 +152,14 @@ def test_the_run_it_first_hint_carries_the_overrides(tmp_path, kd_data_dir):
     assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
     assert "run it first: kd run tinybert-full --profile smoke -p augment.n_aug=5 -p task.train_limit=64 " in last, last
     assert "kd stage " in last and last.count("-p augment.n_aug=5 -p task.train_limit=64") == 2, last
+
+
+@pytest.mark.parametrize("override, expected", [
+    ({"teacher": "no-such-teacher"}, "no-such-teacher"),
+    ({"task.name": "sst3"}, "unknown task 'sst3'. Did you mean 'sst2'?"),
+])
+def test_an_unknown_teacher_or_task_fails_at_graph_build_as_a_user_error(data_env, override, expected):
+    from kd_core.errors import UserError
+
+    with pytest.raises(UserError, match=expected.replace("?", r"\?").replace(".", r"\.")):
+        _dag(override)

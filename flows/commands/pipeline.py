@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="key=value override, e.g. task.train_limit=500 or force='[\"augment\"]'"),
     ):
         """Run a pipeline flow in-process (ephemeral Prefect, MLflow on sqlite by default)."""
-        from kd_core.config import ConfigError
+        from kd_core.errors import UserError
         from flows.profiles import load_profile
         from flows.registry import get_flow
         from tasks.stages import dag_for
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
             flow_fn = get_flow(flow_name)
             # builds the stage graph, which checks the config against the teacher: fails before Prefect starts
             dag_for(flow_name, load_profile(profile, overrides, force))
-        except (ConfigError, ValueError) as exc:
+        except (UserError, ValueError) as exc:
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2)
         from flows.console import user_facing
@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="key=value override"),
     ):
         """Rerun one stage on the inputs already in the artifact store."""
-        from kd_core.config import ConfigError
+        from kd_core.errors import UserError
         from flows.profiles import load_profile
         from flows.single_stage import expand_stage_name, single_stage
         from tasks.stages import dag_for
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         try:
             overrides, _ = _overrides(param or [])
             expand_stage_name(name, list(dag_for(flow_name, load_profile(profile, overrides))))
-        except (ConfigError, ValueError) as exc:
+        except (UserError, ValueError) as exc:
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2)
         with user_facing("stage"):
