@@ -85,9 +85,15 @@ def _prefect_console_handlers() -> list[logging.Handler]:
 
 
 def _quiet_ephemeral_server_exit() -> None:
-    """Prefect stops its ephemeral server at exit, after its log and event workers have flushed
-    to it; its "Stopping temporary server" line would then follow the command's last line."""
-    logging.getLogger("prefect.server.api.server").setLevel(logging.WARNING)
+    """Before the command's last line: the flow run's logs and events reach the ephemeral server
+    now, and Prefect's own INFO lines at exit ("Stopping temporary server") are silenced, so the
+    root cause stays the last thing printed. Prefect still stops the server at exit."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=5)
+    EventsWorker.drain_all(timeout=5)
+    logging.getLogger("prefect").setLevel(logging.WARNING)
 
 
 _SIGNAL = [signal.SIGINT]

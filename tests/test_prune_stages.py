@@ -159,4 +159,6 @@ def test_kd_run_rejects_an_impossible_pruned_shape_before_prefect_starts(tmp_pat
     assert "student.num_heads=8 exceeds the teacher's 4" in " ".join(result.stdout.split())
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "artifacts").exists()  # nothing started
-    assert elapsed < 20, elapsed
+    # imports (torch, transformers) and the graph build: 6-13 s on these 2 cores, 21-25 s once with
+    # three other jobs on them; Prefect's server start alone would add 10 s more
+    assert elapsed < 40, elapsed

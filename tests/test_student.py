@@ -53,8 +53,10 @@ def test_init_from_checkpoint_round_trips_and_checks_vocab(tmp_path):
     teacher = tiny_bert(layers=4, hidden=64, heads=4)
     student = build_student(teacher, StudentConfig(num_layers=2, hidden_size=32))
     student.save_pretrained(tmp_path / "s")
-    again = build_student(teacher, StudentConfig(init="checkpoint", checkpoint=str(tmp_path / "s")))
+    again = build_student(teacher, StudentConfig(num_layers=2, hidden_size=32, init="checkpoint", checkpoint=str(tmp_path / "s")))
     assert torch.equal(again.embeddings.word_embeddings.weight, student.embeddings.word_embeddings.weight)
+    with pytest.raises(StudentConfigError, match=r"is 2x32 \(4 heads, FFN 128\), but student.\* asks for 4x312"):
+        build_student(teacher, StudentConfig(init="checkpoint", checkpoint=str(tmp_path / "s")))  # 4x312 asked
     other = tiny_bert(layers=1, hidden=32, vocab=1000)
     other.save_pretrained(tmp_path / "o")
     with pytest.raises(VocabMismatchError, match="vocab 1000"):

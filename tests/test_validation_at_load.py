@@ -137,7 +137,9 @@ def test_kd_run_with_a_typo_fails_in_one_line_before_anything_starts(tmp_path, k
     assert result.returncode == 2 and "Traceback" not in output
     assert output.splitlines() == [output.splitlines()[0]] and "unknown stage 'task_distil'" in output, output
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "artifacts").exists()
-    assert elapsed < 20, elapsed
+    # imports (torch, transformers) and the graph build: 6-13 s on these 2 cores, 21-25 s once with
+    # three other jobs on them; Prefect's server start alone would add 10 s more
+    assert elapsed < 40, elapsed
 
 
 def test_the_run_it_first_hint_carries_the_overrides(tmp_path, kd_data_dir):
@@ -163,3 +165,16 @@ def test_an_unknown_teacher_or_task_fails_at_graph_build_as_a_user_error(data_en
 
     with pytest.raises(UserError, match=expected.replace("?", r"\?").replace(".", r"\.")):
         _dag(override)
+
+
+def test_a_p_key_typo_fails_in_under_two_seconds(tmp_path, kd_data_dir):
+    """Issue 14.6: a -p typo is a pydantic error, raised before torch or Prefect is imported."""
+    env = {**os.environ, "KD_HOME": str(tmp_path), "KD_DATA_DIR": str(kd_data_dir)}
+    probe = ("import sys, time; t = time.perf_counter(); sys.argv = ['kd', 'run', 'tinybert-full', '-p', 'task.trainlimit=5']\n"
+             "from flows.cli import app\ntry:\n    app()\nexcept SystemExit as e:\n"
+             "    print('EXIT', e.code, round(time.perf_counter() - t, 3), 'torch' in sys.modules, 'prefect' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert "-p task.trainlimit=5: unknown key 'task.trainlimit'; did you mean task.train_limit?" in " ".join(result.stdout.split())
+    code, seconds, torch_loaded, prefect_loaded = result.stdout.split("EXIT ")[1].split()
+    assert code == "2" and torch_loaded == "False" and prefect_loaded == "False", result.stdout
+    assert float(seconds) < 2.0, seconds

@@ -39,14 +39,18 @@ def register(app: typer.Typer) -> None:
         """Run a pipeline flow in-process (ephemeral Prefect, MLflow on sqlite by default)."""
         from kd_core.errors import UserError
         from flows.profiles import load_profile
-        from flows.registry import get_flow
-        from tasks.stages import dag_for
+        from flows.registry import FLOW_NAMES, get_flow
 
         try:
             overrides, force = _overrides(param or [])
+            cfg = load_profile(profile, overrides, force)  # -p typos: pydantic only, no torch, no Prefect
+            if flow_name not in FLOW_NAMES:
+                raise UserError(f"unknown flow {flow_name!r}; flows: {', '.join(FLOW_NAMES)}")
+            from tasks.stages import dag_for
+
+            # the stage graph checks names, the teacher, the task data: still before Prefect starts
+            dag_for(flow_name, cfg)
             flow_fn = get_flow(flow_name)
-            # builds the stage graph, which checks the config against the teacher: fails before Prefect starts
-            dag_for(flow_name, load_profile(profile, overrides, force))
         except (UserError, ValueError) as exc:
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2)

@@ -7,12 +7,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 console = Console()
 SUMMARY = "summary.parquet"
@@ -31,14 +33,16 @@ class FlowRunSummary:
     started: str
     source: str  # where the summary came from: the report stage's run, or the parent (cached report)
     params: dict[str, str]
-    summary: pd.DataFrame
+    summary: "pd.DataFrame"
 
 
 def _artifact_names(client, run_id: str) -> set[str]:
     return {item.path for item in client.list_artifacts(run_id)}
 
 
-def _download(run_id: str, name: str) -> pd.DataFrame:
+def _download(run_id: str, name: str) -> "pd.DataFrame":
+    import pandas as pd
+
     from mlflow.artifacts import download_artifacts
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,6 +84,8 @@ def load_run_summary(client, run_id: str) -> FlowRunSummary:
             f"flow run {run_id} ({tags['kd.flow']}, status {run.info.status}) has no {SUMMARY}: it did not reach "
             f"its report stage, or its flow writes another report (meta-kd: per domain)"
         )
+    import pandas as pd
+
     started = pd.Timestamp(run.info.start_time, unit="ms").strftime("%Y-%m-%d %H:%M")
     return FlowRunSummary(run_id, tags["kd.flow"], tags.get("kd.profile", "?"), run.info.status, started, source,
                           dict(run.data.params), summary)

@@ -182,12 +182,12 @@ def build_student(
     auto = getattr(transformers, HEADS[head])
     if cfg.init == "checkpoint":
         student = load_model(cfg.checkpoint, head=head, **config_extra)
-        check_checkpoint_shape(student_config(teacher.config, cfg), student.config, cfg)
         if student.config.vocab_size != teacher.config.vocab_size:
             raise VocabMismatchError(
                 f"student checkpoint {cfg.checkpoint} has vocab {student.config.vocab_size}, the teacher "
                 f"{teacher.config.vocab_size}; a student must share the teacher's tokenizer"
             )
+        check_checkpoint_shape(student_config(teacher.config, cfg), student.config, cfg)
         return student
     config = student_config(teacher.config, cfg, **config_extra)
     if cfg.init == "pruned":
