@@ -23,7 +23,7 @@ from kd_core.artifacts import Artifact, ArtifactStore
 from kd_core.config import PipelineConfig
 from kd_core.stop import STOP_REQUESTED, StopRequested, check_stop, stoppable
 from tasks.stages import dag_for, stage_matches
-from tasks.tracking import StepMetricsLogger, flatten, register_model_dir, setup_tracking
+from tasks.tracking import StepMetricsLogger, annotate_versions, flatten, register_model_dir, setup_tracking
 
 SMALL_OUTPUTS = (".json", ".md", ".png", ".parquet")
 
@@ -60,6 +60,58 @@ def _record_failure(ctx: "RunContext", name: str, exc: BaseException) -> None:
             _FAILURES.setdefault(ctx.parent_run_id, (name, exc))
 
 
+class StageProgress:
+    """Trainer callback: progress where the user looks. A console/flow-run log line every
+    ``every_s`` seconds (step/total, loss, seq/s, ETA), and a Prefect progress artifact on the
+    task run, updated at most every ``artifact_s`` seconds."""
+
+    def __init__(self, stage: str, logger, every_s: float = 15.0, artifact_s: float = 3.0):
+        self.stage, self.logger, self.every_s, self.artifact_s = stage, logger, every_s, artifact_s
+        self.artifact_id = None
+
+    def on_train_begin(self, first_step: int, last_step: int, global_batch: int) -> None:
+        import time
+
+        from prefect.artifacts import create_progress_artifact
+
+        self.first, self.last, self.global_batch = first_step, last_step, global_batch
+        self.started = self.logged_at = self.updated_at = time.monotonic()
+        resumed = f", resumed at step {first_step}" if first_step else ""
+        self.logger.info("%s: training %d steps%s", self.stage, last_step - first_step, resumed)
+        try:
+            self.artifact_id = create_progress_artifact(
+                100.0 * first_step / max(1, last_step), description=f"{self.stage}: step {first_step}/{last_step}")
+        except Exception as exc:  # noqa: BLE001 - progress must never fail a training stage
+            self.logger.debug("%s: no progress artifact (%s)", self.stage, exc)
+
+    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+        import time
+
+        if not hasattr(self, "first"):
+            return
+        now = time.monotonic()
+        done = step - self.first
+        rate = done / max(now - self.started, 1e-9)
+        line = (f"step {step}/{self.last}  loss {metrics['loss']:.4f}  {rate * self.global_batch:.1f} seq/s  "
+                f"ETA {_duration((self.last - step) / max(rate, 1e-9))}")
+        if now - self.logged_at >= self.every_s or step == self.last:
+            self.logger.info("%s: %s", self.stage, line)
+            self.logged_at = now
+        if self.artifact_id is not None and (now - self.updated_at >= self.artifact_s or step == self.last):
+            from prefect.artifacts import update_progress_artifact
+
+            try:
+                update_progress_artifact(self.artifact_id, 100.0 * step / max(1, self.last), description=f"{self.stage}: {line}")
+            except Exception as exc:  # noqa: BLE001
+                self.logger.debug("%s: progress update failed (%s)", self.stage, exc)
+            self.updated_at = now
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def process_tags() -> dict[str, str]:
     """Which process owns a RUNNING MLflow run: a later run marks it KILLED once that process is gone."""
     return {"kd.host": socket.gethostname(), "kd.pid": str(os.getpid())}
@@ -94,6 +146,15 @@ class RunContext:
     @property
     def store(self) -> ArtifactStore:
         return ArtifactStore(Path(self.kd_home) / "artifacts")
+
+
+def _is_pair_task(task: str) -> bool:
+    from kd_core.data.tasks import UnknownTaskError, get_task
+
+    try:
+        return get_task(task).is_pair
+    except UnknownTaskError:
+        return False
 
 
 def stage_processes() -> int:
@@ -209,7 +270,8 @@ def _compute_stage(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: 
         if stage.trains and stage_processes() > 1:
             produce = lambda out: launch_distributed(ctx, cfg, name, inputs, out, work, run_id)  # noqa: E731
         else:
-            produce = lambda out: stage.run(cfg, *[a.path for a in inputs], out, work, [step_logger])  # noqa: E731
+            produce = lambda out: stage.run(cfg, *[a.path for a in inputs], out, work,  # noqa: E731
+                                            [step_logger, StageProgress(name, logger)])
         with _TRAINING_SLOTS if stage.trains else nullcontext():
             artifact = store.write(
                 name,
@@ -229,8 +291,19 @@ def _compute_stage(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: 
                 client.log_artifact(run_id, str(path))
         if stage.register_as:
             registry_name = stage.registry_name(ctx.flow_name, cfg)
-            version = register_model_dir(run_id, artifact.path / "model", registry_name)
-            logger.info("%s: registered %s version %s", name, registry_name, version)
+            version_tags = {"kd.key": key, "kd.role": stage.register_as, "kd.stage": name, "kd.flow": ctx.flow_name, "kd.profile": cfg.profile,
+                            "kd.task": stage.task_of(cfg), "kd.artifact": str(artifact.path / "model")}
+            description = (f"{name} of {ctx.flow_name} ({cfg.profile} profile), stage key {key}. "
+                           f"from_pretrained dir: {artifact.path / 'model'}")
+            version, new = register_model_dir(run_id, artifact.path / "model", registry_name, version_tags,
+                                              pair_task=_is_pair_task(stage.task_of(cfg)), description=description)
+            logger.info("%s: %s %s version %s", name, "registered" if new else "already registered as", registry_name, version)
+        if stage.annotates_registry:
+            import pandas as pd
+
+            tagged = annotate_versions(artifact.manifest, pd.read_parquet(artifact.path / "summary.parquet"),
+                                       cfg.task.eval_split)
+            logger.info("%s: scores tagged on %s", name, ", ".join(tagged) or "no registered version")
         client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
         client.set_terminated(run_id, "KILLED" if isinstance(exc, (StopRequested, KeyboardInterrupt)) else "FAILED")

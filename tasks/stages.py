@@ -61,9 +61,12 @@ class StageDef:
     register_as: str | None = None  # registry name suffix, e.g. "student"
     trains: bool = False  # takes a training slot (see tasks.runtime)
     task_of: Callable[[PipelineConfig], str] = lambda c: c.task.name  # names registered models
+    annotates_registry: bool = False  # a report: its scores are tagged on the registered versions
 
     def registry_name(self, flow_name: str, cfg: PipelineConfig) -> str:
-        return f"{flow_name}-{self.task_of(cfg)}-{self.register_as}"
+        """``<flow>-<profile>-<task>-<role>``: one lineage per profile, so a smoke run's random
+        model never becomes a version of the demo or paper student."""
+        return f"{flow_name}-{cfg.profile}-{self.task_of(cfg)}-{self.register_as}"
 
 
 def _dump(model) -> dict:
@@ -120,6 +123,7 @@ def _evaluation_stages(student_stage: str, training: tuple[str, ...] = ()) -> li
             ("evaluate", "benchmark", *training),
             lambda c: {"profile": c.profile, "task": c.task.name, "cells": asdict(core.report_cells(c))},
             lambda c, evaluation, bench, *rest: core.report(c, evaluation, bench, rest[-3], dict(zip(training, rest[:-3]))),
+            annotates_registry=True,
         ),
     ]
 

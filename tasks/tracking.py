@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -62,11 +63,15 @@ def flatten(prefix: str, value: Any, out: dict[str, str] | None = None) -> dict[
 class StepMetricsLogger:
     """Trainer callback: every loss term per step, sent to MLflow in batches."""
 
-    def __init__(self, run_id: str, flush_every: int = 50):
+    def __init__(self, run_id: str, flush_every: int = 50, flush_seconds: float = 5.0):
+        import time
+
         self.run_id = run_id
         self.flush_every = flush_every
+        self.flush_seconds = flush_seconds  # the MLflow UI's charts move while a stage trains
         self.client = MlflowClient()
         self.pending: list = []
+        self.flushed_at = time.monotonic()
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -77,13 +82,16 @@ class StepMetricsLogger:
         for name, value in metrics.items():
             if name != "step":
                 self.pending.append(Metric(_metric_name(name), float(value), now, step))
-        if len(self.pending) >= self.flush_every * max(1, len(metrics)):
+        if len(self.pending) >= self.flush_every * max(1, len(metrics)) or time.monotonic() - self.flushed_at >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
+        import time
+
         for start in range(0, len(self.pending), 900):  # log_batch takes at most 1000 metrics
             self.client.log_batch(self.run_id, metrics=self.pending[start : start + 900])
         self.pending = []
+        self.flushed_at = time.monotonic()
 
 
 def _metric_name(name: str) -> str:
@@ -91,14 +99,88 @@ def _metric_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_-. :/" else "_" for ch in name)
 
 
-def register_model_dir(run_id: str, model_dir: Path, name: str) -> str:
-    """Log a save_pretrained dir under the run and register it; returns the version."""
-    client = MlflowClient()
-    client.log_artifacts(run_id, str(model_dir), artifact_path="model")
+PYFUNC_MODEL = Path(__file__).with_name("pyfunc_model.py")
+EXAMPLE_TEXTS = ("a gripping, funny and beautifully acted film", "dull, predictable and far too long")
+
+
+def _pip_requirements() -> list[str]:
+    # stated, not inferred: inference loads the model in a subprocess, seconds per version
+    import pandas
+    import torch
+    import transformers
+
+    return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+            f"transformers=={transformers.__version__}", f"pandas=={pandas.__version__}"]
+
+
+def existing_version(client: MlflowClient, name: str, key: str):
+    """The version of ``name`` registered for stage key ``key``, if any."""
     try:
-        client.get_registered_model(name)
+        found = client.search_model_versions(f"name = '{name}' and tags.`kd.key` = '{key}'")
     except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name)
-    source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    version = client.create_model_version(name, source=source, run_id=run_id)
-    return version.version
+        return None
+    return found[0] if found else None
+
+
+def register_model_dir(run_id: str, model_dir: Path, name: str, tags: dict[str, str], pair_task: bool = False,
+                       description: str = "") -> tuple[str, bool]:
+    """Log a save_pretrained dir as an MLflow pyfunc model (tokenizer + weights, with a signature
+    and an input example) under the run and register it as a version of ``name``, tagged with
+    ``tags`` (``kd.key`` among them). A key that already has a version is not registered again.
+    Returns (version, newly registered)."""
+    import pandas as pd
+
+    client = MlflowClient()
+    found = existing_version(client, name, tags["kd.key"])
+    if found is not None:
+        return found.version, False
+    example = pd.DataFrame({"text_a": list(EXAMPLE_TEXTS)})
+    if pair_task:
+        example["text_b"] = list(reversed(EXAMPLE_TEXTS))
+    import warnings
+
+    with _setup_lock, mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")  # label_id
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(PYFUNC_MODEL), artifacts={"model_dir": str(model_dir)},
+            input_example=example, pip_requirements=_pip_requirements(), registered_model_name=name,
+            await_registration_for=0,
+        )
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if description:
+        client.update_model_version(name, version, description=description)
+    return version, True
+
+
+def annotate_versions(report_manifest: dict, summary, eval_split: str) -> list[str]:
+    """After a report: tag the registered versions of its models with their score, retention,
+    params and speed-up, and point the alias ``best`` (``best-<split>`` off dev) at the
+    highest-scoring version of each registered student on that split."""
+    client = MlflowClient()
+    done = []
+    evaluated = next(iter(report_manifest["inputs"].values()))  # the evaluation stage comes first
+    refs = json.loads((Path(evaluated["path"]) / "manifest.json").read_text())["inputs"]
+    if not (summary["split"] == eval_split).any() and len(summary):
+        eval_split = str(summary["split"].iloc[0])  # QA reports name their split (dev-articles-eval)
+    rows = {row.model: row for row in summary.itertuples() if row.split == eval_split}
+    for ref in refs.values():
+        for version in client.search_model_versions(f"tags.`kd.key` = '{ref['key']}'"):
+            role = version.tags.get("kd.role")
+            row = rows.get(role)
+            if row is None:
+                continue
+            numbers = {"kd.score": f"{row.score:.2f}", "kd.retention": f"{row.retention:.1f}",
+                       "kd.params_m": f"{row.params / 1e6:.2f}", "kd.speed_up": f"{row.speedup:.2f}",
+                       "kd.split": eval_split}
+            for key, value in numbers.items():
+                client.set_model_version_tag(version.name, version.version, key, value)
+            if role == "student":
+                alias = "best" if eval_split == "dev" else f"best-{eval_split}"
+                scored = [v for v in client.search_model_versions(f"name = '{version.name}'")
+                          if v.tags.get("kd.split") == eval_split and "kd.score" in v.tags]
+                best = max(scored, key=lambda v: float(v.tags["kd.score"]))
+                client.set_registered_model_alias(version.name, alias, best.version)
+            done.append(f"{version.name}/{version.version}")
+    return done

@@ -70,9 +70,13 @@ def artifacts(home: Path, stage: str) -> list[Path]:
     return sorted(p for p in root.iterdir() if not p.name.startswith(".")) if root.is_dir() else []
 
 
+FIRST_FLOW_RUN: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def first_run(kd_home):
-    result, elapsed, _ = run_flow()
+    result, elapsed, flow_run_id = run_flow()
+    FIRST_FLOW_RUN["id"] = flow_run_id
     return result, elapsed
 
 
@@ -157,8 +161,57 @@ def test_mlflow_holds_parent_nested_runs_and_registered_models(first_run, kd_hom
     assert any(k.startswith("loss/attention_scores") for k in general.data.metrics)
     evaluation = next(r for r in children if r.data.tags["kd.stage"] == "evaluate")
     assert "student_score" in evaluation.data.metrics
-    version = client.get_latest_versions("tinybert-full-sst2-student")[0]
+    (version,) = client.search_model_versions("name = 'tinybert-full-smoke-sst2-student'")
     assert version.run_id == next(r for r in children if r.data.tags["kd.stage"] == "task_distill_prediction").info.run_id
+
+
+def test_registered_models_keep_profiles_apart_and_one_version_per_key(first_run, kd_home):
+    """Issue 14.2: <flow>-<profile>-<task>-<role>; tags with key, task, score, retention, params,
+    speed-up; the report sets alias best; a forced recompute of the same key adds no version."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{kd_home / 'mlflow.db'}")
+    client = MlflowClient()
+    names = {m.name for m in client.search_registered_models()}
+    assert {"tinybert-full-smoke-sst2-teacher", "tinybert-full-smoke-sst2-general-student",
+            "tinybert-full-smoke-sst2-student"} <= names
+    (student,) = artifacts(kd_home, "task_distill_prediction")
+    run_flow(force=["task_distill_prediction"])  # the same key computed again
+    versions = client.search_model_versions("name = 'tinybert-full-smoke-sst2-student'")
+    assert len(versions) == 1
+    version = versions[0]
+    summary = pd.read_parquet(artifacts(kd_home, "report")[0] / "summary.parquet").set_index("model")
+    assert version.tags["kd.key"] == student.name and version.tags["kd.task"] == "sst2"
+    assert version.tags["kd.profile"] == "smoke" and version.tags["kd.split"] == "dev"
+    assert float(version.tags["kd.score"]) == round(summary.loc["student", "score"], 2)
+    assert float(version.tags["kd.retention"]) == round(summary.loc["student", "retention"], 1)
+    assert float(version.tags["kd.params_m"]) == round(summary.loc["student", "params"] / 1e6, 2)
+    assert float(version.tags["kd.speed_up"]) == round(summary.loc["student", "speedup"], 2)
+    assert client.get_model_version_by_alias("tinybert-full-smoke-sst2-student", "best").version == version.version
+    assert str(student / "model") in version.description
+
+
+def test_the_registered_student_is_a_pyfunc_model_with_the_students_predictions(first_run, kd_home):
+    """Issue 14.3: models:/<name>@best loads as pyfunc (a signature, an input example), and its
+    labels are the student's own argmax on the save_pretrained dir, computed here directly."""
+    import mlflow
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    mlflow.set_tracking_uri(f"sqlite:///{kd_home / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/tinybert-full-smoke-sst2-student@best")
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["text_a"]
+    texts = ["a moving , beautifully acted film", "the plot is a mess and the jokes fall flat", "it is a film"]
+    predicted = model.predict(pd.DataFrame({"text_a": texts}))
+    (student,) = artifacts(kd_home, "task_distill_prediction")
+    direct = AutoModelForSequenceClassification.from_pretrained(student / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(student / "model")
+    with torch.no_grad():
+        probs = direct(**tokenizer(texts, padding=True, return_tensors="pt")).logits.softmax(-1)
+    assert list(predicted["label_id"]) == probs.argmax(-1).tolist()
+    assert list(predicted["label"]) == [direct.config.id2label[i] for i in probs.argmax(-1).tolist()]
+    assert predicted["score"].tolist() == pytest.approx(probs.max(-1).values.tolist(), abs=1e-5)
 
 
 def test_changing_one_section_reruns_that_stage_and_its_descendants_only(first_run, kd_home):
@@ -265,3 +318,69 @@ def test_training_stage_runs_as_ddp_when_stage_processes_is_set(first_run, kd_ho
     assert sorted(r["world_size"] for r in results) == [1, 2]  # a new key beside the 1-process artifact
     ddp = next(r for r in results if r["world_size"] == 2)
     assert ddp["steps"] == 64 and ddp["final_loss"] < ddp["first_loss"]
+
+
+def test_mlflow_models_serve_answers_with_the_students_labels(first_run, kd_home):
+    """Issue 14.3: `mlflow models serve -m models:/<name>@best` on 127.0.0.1 answers a real
+    prediction, equal to the pyfunc's in-process one."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    import mlflow
+
+    uri = f"sqlite:///{kd_home / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    texts = ["a moving , beautifully acted film", "the plot is a mess and the jokes fall flat"]
+    expected = mlflow.pyfunc.load_model("models:/tinybert-full-smoke-sst2-student@best").predict(pd.DataFrame({"text_a": texts}))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    server = subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", "models:/tinybert-full-smoke-sst2-student@best",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow models serve did not come up"
+                time.sleep(0.5)
+        body = json.dumps({"dataframe_records": [{"text_a": t} for t in texts]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            predictions = json.loads(response.read())["predictions"]
+        assert [p["label"] for p in predictions] == list(expected["label"])
+        assert [p["score"] for p in predictions] == pytest.approx(list(expected["score"]), abs=1e-6)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_training_stages_publish_progress_on_their_task_runs(first_run):
+    """Issue 14.7: every training stage's task run carries a Prefect progress artifact that ends
+    at 100% with the step count and the loss."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType, FlowRunFilter, FlowRunFilterId
+
+    async def fetch():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[FIRST_FLOW_RUN["id"]])))
+
+    found = {a.description.split(":")[0]: a for a in asyncio.run(fetch())}
+    training = {"general_distill", "finetune_teacher", "task_distill_intermediate", "task_distill_prediction"}
+    assert set(found) == training, sorted(found)
+    for stage, artifact in found.items():
+        assert float(artifact.data) == 100.0 and "step 64/64" in artifact.description and "loss" in artifact.description, artifact

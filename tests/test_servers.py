@@ -253,7 +253,7 @@ def test_deployment_run_completes_and_mlflow_has_the_runs(stack):
     assert list((stack["home"] / "mlartifacts").rglob("report.md")), "artifacts land under $KD_HOME/mlartifacts"
 
     # the student is registered, its version linked to the task-distillation run
-    name = f"{FLOW}-sst2-student"
+    name = f"{FLOW}-smoke-sst2-student"
     versions = kd_stack.http_json(
         f"{tracking}/api/2.0/mlflow/model-versions/search?" + urllib.parse.urlencode({"filter": f"name='{name}'"})
     ).get("model_versions", [])

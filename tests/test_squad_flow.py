@@ -101,7 +101,7 @@ def test_qa_models_are_registered_under_the_qa_task(first_run, kd_home):  # noqa
 
     client = MlflowClient(f"sqlite:///{kd_home / 'mlflow.db'}")
     for suffix in ("teacher", "general-student", "student"):
-        assert client.get_latest_versions(f"squad-distill-squad-{suffix}"), suffix
+        assert client.search_model_versions(f"name = 'squad-distill-smoke-squad-squad-{suffix}'"), suffix
 
 
 def test_doc_stride_must_leave_room_in_a_window():

@@ -56,6 +56,10 @@ class TrainingInterrupted(StopRequested):
 
 
 class TrainerCallback(Protocol):
+    """``on_step`` after every optimizer step; ``on_train_begin(first_step, last_step,
+    global_batch)``, when a callback defines it, once before the first (after a resume,
+    ``first_step`` is the checkpoint's step)."""
+
     def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
 
 
@@ -279,6 +283,9 @@ class DistillTrainer:
         sequences = 0
         train_seconds = 0.0
         self.bundle.train()
+        for callback in self.callbacks:
+            if hasattr(callback, "on_train_begin"):
+                callback.on_train_begin(self.step, stop, self.plan.global_batch)
         while self.step < stop:
             if STOP_REQUESTED.is_set():
                 raise TrainingInterrupted(self.step, self.save_checkpoint())
