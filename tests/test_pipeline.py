@@ -304,8 +304,8 @@ def test_meta_kd_flow_trains_teachers_students_and_reports_each_domain(kd_home):
     text = (report / "report.md").read_text()
     assert "## Per domain, full training data" in text and "| 0.5 |" in text and "(c) Meta-KD" in text
     client = MlflowClient(f"sqlite:///{kd_home / 'mlflow.db'}")
-    assert client.get_latest_versions("meta-kd-amazon-books-teacher")
-    assert client.get_latest_versions("meta-kd-amazon-meta-teacher")
+    assert client.search_model_versions("name = 'meta-kd-smoke-amazon-books-teacher'")
+    assert client.search_model_versions("name = 'meta-kd-smoke-amazon-meta-teacher'")
 
 
 def test_training_stage_runs_as_ddp_when_stage_processes_is_set(first_run, kd_home, monkeypatch):
