@@ -137,3 +137,14 @@ def test_dockerfile_copies_what_exists():
             assert source not in ignored, f".dockerignore drops {source}, which the Dockerfile copies"
     assert "torch==2.13.0" in text and "${TORCH_INDEX}" in text
     assert {".venv", "data"} <= ignored, "the build context must not ship the venv or the stores"
+
+
+def test_the_prefect_api_takes_the_secret_every_service_sends_and_only_its_ui_origin(cpu):
+    """Issue 16.6 in the compose stack: CORS for the UI's own origin, basic auth on the API, and the
+    workers and the deployments job configured with the same secret."""
+    server = cpu["services"]["prefect-server"]["environment"]
+    assert server["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"] == "http://127.0.0.1:4200,http://localhost:4200"
+    secret = server["PREFECT_SERVER_API_AUTH_STRING"]
+    assert secret and ":" in secret
+    for name in ("deployments", "worker-cpu"):
+        assert cpu["services"][name]["environment"]["PREFECT_API_AUTH_STRING"] == secret, name
