@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any
 
-from mlflow.entities import Param
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from flows.console import RunInterrupted, stop_on_signals
@@ -25,6 +25,30 @@ def _prefect_flow_run_id() -> str | None:
     return str(run_id) if run_id else None
 
 
+def _prefect_flow_run_name() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.name or None
+
+
+def prefect_flow_run_url(flow_run_id: str | None) -> str | None:
+    """The flow run's page in the Prefect UI, when a served Prefect (not the ephemeral one) is in use."""
+    import os
+
+    from prefect.settings import PREFECT_UI_URL
+
+    if not flow_run_id or not os.environ.get("PREFECT_API_URL"):
+        return None
+    ui = PREFECT_UI_URL.value()
+    return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
+
+
+def mlflow_run_url(experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI, when the tracking store is a server."""
+    uri = tracking_uri()
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if uri.startswith("http") else None
+
+
 @contextmanager
 def pipeline_run(flow_name: str, profile: str, overrides: dict[str, Any] | None, force: list[str] | None):
     from transformers.utils import logging as hf_logging
@@ -39,7 +63,11 @@ def pipeline_run(flow_name: str, profile: str, overrides: dict[str, Any] | None,
     tags = {"kd.flow": flow_name, "kd.profile": cfg.profile, **process_tags()}
     if flow_run_id:
         tags["prefect.flow_run_id"] = flow_run_id
-    parent = client.create_run(experiment_id, run_name=f"{flow_name}:{cfg.profile}", tags=tags)
+    if url := prefect_flow_run_url(flow_run_id):
+        tags["prefect.flow_run_url"] = url
+    # distinct names in the runs table: flow, profile and Prefect's name for this flow run
+    run_name = ":".join(part for part in (flow_name, cfg.profile, _prefect_flow_run_name()) if part)
+    parent = client.create_run(experiment_id, run_name=run_name, tags=tags)
     params = [Param(k, v) for k, v in flatten("", cfg.model_dump(mode="json")).items()]
     for start in range(0, len(params), 100):
         client.log_batch(parent.info.run_id, params=params[start : start + 100])
@@ -63,6 +91,37 @@ def pipeline_run(flow_name: str, profile: str, overrides: dict[str, Any] | None,
     client.set_terminated(parent.info.run_id, "FINISHED")
 
 
+def headline_metrics(summary_path) -> dict[str, float]:
+    """Per model: score, retention, speed-up, latency (the MLflow runs table sorts by these)."""
+    import math
+
+    import pandas as pd
+
+    if not summary_path.is_file():
+        return {}
+    summary = pd.read_parquet(summary_path)
+    if not {"model", "split", "score", "retention", "speedup", "latency_ms"} <= set(summary.columns):
+        return {}  # the Meta-KD report's table has its own shape
+    primary = summary["split"].iloc[0] if len(summary) else None
+    metrics = {}
+    for row in summary[summary["split"] == primary].itertuples():
+        for name, value in (("score", row.score), ("retention", row.retention), ("speedup", row.speedup),
+                            ("latency_ms", row.latency_ms)):
+            if value is not None and math.isfinite(float(value)):
+                metrics[f"{row.model}_{name}"] = float(value)
+    return metrics
+
+
+def _publish_to_prefect(key_hint: str, report_text: str, mlflow_url: str | None) -> None:
+    """The report as a markdown artifact on the flow run, and a link to its MLflow run."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    create_markdown_artifact(report_text, key="kd-report", description="kd-pipeline report (report.md)")
+    if mlflow_url:
+        create_link_artifact(mlflow_url, link_text="MLflow parent run", key="kd-mlflow-run",
+                             description="the flow run's parent run in MLflow")
+
+
 def summarize(ctx: RunContext, report: Artifact) -> dict:
     """Attach the report to the parent run and say where to look."""
     client = MlflowClient()
@@ -74,7 +133,14 @@ def summarize(ctx: RunContext, report: Artifact) -> dict:
         if extra.suffix in (".png", ".parquet") and not extra.name.startswith("."):
             client.log_artifact(ctx.parent_run_id, str(extra))
     client.set_tag(ctx.parent_run_id, "kd.report", str(report.path))
+    headline = headline_metrics(report.path / "summary.parquet")
+    if headline:
+        client.log_batch(ctx.parent_run_id, metrics=[Metric(k, v, 0, 0) for k, v in headline.items()])
     text = report_md.read_text()
+    run = client.get_run(ctx.parent_run_id)
+    url = mlflow_run_url(run.info.experiment_id, ctx.parent_run_id)
+    _publish_to_prefect(report.path.parent.name, text, url)
     print(text)
-    print(f"MLflow: parent run {ctx.parent_run_id} in {tracking_uri()} (make ui to browse)")
+    where = url or f"{ctx.parent_run_id} in {tracking_uri()} (make ui to browse)"
+    print(f"MLflow: parent run {where}")
     return {"report": str(report_md), "mlflow_run_id": ctx.parent_run_id, "report_text": text}

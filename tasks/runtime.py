@@ -283,7 +283,10 @@ def _compute_stage(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: 
             )
         step_logger.flush()
         result = artifact.manifest.get("result", {})
-        numbers = [Metric(k, float(v), 0, 0) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        # config values a result repeats (augment's k, n_aug, seed) are params already, not metrics
+        config_leaves = {key.rsplit(".", 1)[-1] for key in flatten("", section)}
+        numbers = [Metric(k, float(v), 0, 0) for k, v in result.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in config_leaves]
         if numbers:
             client.log_batch(run_id, metrics=numbers)
         for path in sorted(artifact.path.iterdir()):

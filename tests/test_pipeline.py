@@ -384,3 +384,45 @@ def test_training_stages_publish_progress_on_their_task_runs(first_run):
     assert set(found) == training, sorted(found)
     for stage, artifact in found.items():
         assert float(artifact.data) == 100.0 and "step 64/64" in artifact.description and "loss" in artifact.description, artifact
+
+
+def test_the_parent_run_is_named_carries_the_headline_metrics_and_the_report_reaches_prefect(first_run, kd_home):
+    """Issue 14.8: a distinct parent-run name, per-model score/retention/speed-up/latency on the
+    parent (sortable in the runs table), config values as params only, and the report as a
+    markdown artifact on the Prefect flow run."""
+    import asyncio
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    mlflow.set_tracking_uri(f"sqlite:///{kd_home / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("kd-pipeline")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{FIRST_FLOW_RUN['id']}'",
+                              max_results=50)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+
+    async def flow_run_name():
+        async with get_client() as prefect:
+            return (await prefect.read_flow_run(FIRST_FLOW_RUN["id"])).name
+
+    assert parent.info.run_name == f"tinybert-full:smoke:{asyncio.run(flow_run_name())}"
+    summary = pd.read_parquet(artifacts(kd_home, "report")[0] / "summary.parquet").set_index("model")
+    for model in ("teacher", "student"):
+        assert parent.data.metrics[f"{model}_score"] == pytest.approx(summary.loc[model, "score"])
+        assert parent.data.metrics[f"{model}_retention"] == pytest.approx(summary.loc[model, "retention"])
+        assert parent.data.metrics[f"{model}_latency_ms"] == pytest.approx(summary.loc[model, "latency_ms"])
+    assert parent.data.metrics["student_speedup"] == pytest.approx(summary.loc["student", "speedup"])
+    augment = client.search_runs([experiment.experiment_id], "tags.`kd.stage` = 'augment'", max_results=5)[0]
+    assert not {"k", "n_aug", "seed"} & set(augment.data.metrics) and augment.data.params["augment.n_aug"] == "2"
+
+    async def report_artifacts():
+        async with get_client() as prefect:
+            return await prefect.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["kd-report"])),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[FIRST_FLOW_RUN["id"]])))
+
+    (report,) = asyncio.run(report_artifacts())
+    assert report.type == "markdown" and "| student |" in report.data
