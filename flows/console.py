@@ -5,8 +5,9 @@
   to a log file under ``$KD_HOME/logs`` whose path is printed. Prefect's console logs of the same
   exception lose their traceback (the log file has it); real bugs keep theirs.
 - The first SIGINT or SIGTERM asks the running trainer to checkpoint and stop (one step at most);
-  with no trainer running it stops the flow at once. A second signal stops at once. The
-  ephemeral Prefect server is stopped before the last line, and the exit code is 130 / 143.
+  with no stage running it stops the flow at once. A second signal stops at once. The flow
+  run's logs reach the ephemeral Prefect server before the last line (Prefect stops it at exit),
+  and the exit code is 130 / 143.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 import traceback
@@ -46,12 +46,6 @@ def _shown_as_one_line(exc: BaseException | None) -> BaseException | None:
     return None
 
 
-def _user_error(exc: BaseException) -> BaseException | None:
-    found = user_error_in(exc)
-    cause = getattr(exc, "cause", None)  # StageFailed keeps the stage's exception
-    return found or (user_error_in(cause) if cause is not None else None)
-
-
 class _TracebackToFile(logging.Filter):
     """On Prefect's console handler: a user error's traceback goes to the log file, not the screen."""
 
@@ -62,7 +56,7 @@ class _TracebackToFile(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
-            if _user_error(exc) is not None or _shown_as_one_line(exc) is not None:
+            if user_error_in(exc) is not None or _shown_as_one_line(exc) is not None:
                 _append_log(self.log_path, f"{record.name}: {record.getMessage()}", exc)
                 record.exc_info, record.exc_text = None, None
         return True
@@ -199,7 +193,7 @@ def user_facing(command: str):
             _quiet_ephemeral_server_exit()
             console.print(f"[bold yellow]stopped:[/] {stopped or exc} (log: {log_path})", soft_wrap=True)
             raise typer.Exit(128 + int(_SIGNAL[0])) from None
-        user = _user_error(exc)
+        user = user_error_in(exc)
         if user is not None:
             _quiet_ephemeral_server_exit()
             stage = getattr(exc, "stage", None)

@@ -139,6 +139,7 @@ def register_model_dir(run_id: str, model_dir: Path, name: str, tags: dict[str, 
         example["text_b"] = list(reversed(EXAMPLE_TEXTS))
     import warnings
 
+    # log_model needs the fluent API's active run; one thread at a time resumes a run through it
     with _setup_lock, mlflow.start_run(run_id=run_id, nested=True), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")  # label_id
         info = mlflow.pyfunc.log_model(
