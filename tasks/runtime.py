@@ -22,6 +22,7 @@ from prefect.states import Completed
 from kd_core.artifacts import Artifact, ArtifactStore
 from kd_core.config import PipelineConfig
 from kd_core.stop import STOP_REQUESTED, StopRequested, check_stop, stoppable
+from kd_core.train.trainer import TrainingInterrupted
 from tasks.stages import dag_for, stage_matches
 from tasks.tracking import StepMetricsLogger, annotate_versions, flatten, register_model_dir, setup_tracking
 
@@ -55,9 +56,14 @@ def first_failure(parent_run_id: str | None) -> tuple[str, BaseException] | None
 
 
 def _record_failure(ctx: "RunContext", name: str, exc: BaseException) -> None:
+    """Keep the first failure; a stage that checkpointed on a stop replaces one that had only
+    been stopped before it started (its message says where the rerun resumes)."""
     if ctx.parent_run_id:
         with _FAILURES_LOCK:
-            _FAILURES.setdefault(ctx.parent_run_id, (name, exc))
+            first = _FAILURES.get(ctx.parent_run_id)
+            replaces = first is not None and isinstance(exc, TrainingInterrupted) and not isinstance(first[1], TrainingInterrupted)
+            if first is None or replaces:
+                _FAILURES[ctx.parent_run_id] = (name, exc)
 
 
 class StageProgress:
@@ -273,6 +279,7 @@ def _compute_stage(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: 
             produce = lambda out: stage.run(cfg, *[a.path for a in inputs], out, work,  # noqa: E731
                                             [step_logger, StageProgress(name, logger)])
         with _TRAINING_SLOTS if stage.trains else nullcontext():
+            check_stop(f"stage {name}")  # a stop asked while it waited for the training slot
             artifact = store.write(
                 name,
                 key,
@@ -309,8 +316,8 @@ def _compute_stage(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: 
             logger.info("%s: scores tagged on %s", name, ", ".join(tagged) or "no registered version")
         client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:
+        _record_failure(ctx, name, exc)  # first: the MLflow call below takes time other stages use
         client.set_terminated(run_id, "KILLED" if isinstance(exc, (StopRequested, KeyboardInterrupt)) else "FAILED")
-        _record_failure(ctx, name, exc)
         raise
     logger.info("%s: wrote %s", name, artifact.path)
     return artifact
