@@ -112,7 +112,7 @@ def headline_metrics(summary_path) -> dict[str, float]:
     return metrics
 
 
-def _publish_to_prefect(key_hint: str, report_text: str, mlflow_url: str | None) -> None:
+def _publish_to_prefect(report_text: str, mlflow_url: str | None) -> None:
     """The report as a markdown artifact on the flow run, and a link to its MLflow run."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
@@ -139,7 +139,7 @@ def summarize(ctx: RunContext, report: Artifact) -> dict:
     text = report_md.read_text()
     run = client.get_run(ctx.parent_run_id)
     url = mlflow_run_url(run.info.experiment_id, ctx.parent_run_id)
-    _publish_to_prefect(report.path.parent.name, text, url)
+    _publish_to_prefect(text, url)
     print(text)
     where = url or f"{ctx.parent_run_id} in {tracking_uri()} (make ui to browse)"
     print(f"MLflow: parent run {where}")
