@@ -121,4 +121,4 @@ compose-down:
 
 # The end-to-end check on the containers (not part of make test: it builds images; see README).
 compose-test: setup
-	KD_COMPOSE_TEST=1 $(BIN)/python -m pytest -q tests/test_compose_stack.py
+	KD_COMPOSE_TEST=1 $(BIN)/python -m pytest -q -rA tests/test_compose_stack.py
