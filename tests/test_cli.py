@@ -66,3 +66,31 @@ def test_kd_distill_seed_decides_the_student(tmp_path, tokenizer, kd_data_dir):
     loss_c, _ = distill("c", 43, noise=1)
     assert loss_a == loss_b and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert loss_c != loss_a
+
+
+def test_kd_stage_help_lists_every_stage_the_graphs_can_hold():
+    """The help's static table (no torch at --help) against the graphs tasks/stages.py builds for
+    every profile, plus the pruned-from-finetuned variant that swaps in prune_teacher."""
+    import re
+
+    from flows.profiles import available_profiles, load_profile
+    from flows.registry import STAGE_NAMES
+    from kd_core.config import parse_override
+    from tasks.stages import dag_for
+
+    pruned = dict(parse_override(p) for p in ("student.init=pruned", "student.prune.source=finetuned"))
+    for flow, listed in STAGE_NAMES.items():
+        seen: list[str] = []
+        for profile in available_profiles():
+            for overrides in ({}, pruned) if flow == "tinybert-full" else ({},):
+                try:
+                    dag = dag_for(flow, load_profile(profile, overrides))
+                except Exception:  # profiles made for another flow (their task or teacher does not fit)
+                    continue
+                seen += [re.split("[@/]", name)[0] for name in dag if re.split("[@/]", name)[0] not in seen]
+        assert set(seen) == set(listed), (flow, sorted(set(seen) ^ set(listed)))
+    result = runner.invoke(app, ["stage", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())  # rich wraps at the terminal's width
+    for flow, listed in STAGE_NAMES.items():
+        assert f"{flow}: {', '.join(listed)}" in text, flow

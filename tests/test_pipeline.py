@@ -269,6 +269,20 @@ def test_kd_stage_reruns_one_stage_or_names_the_missing_upstream(first_run, kd_h
     assert "needs prepare_task" in text and "run it first" in text
 
 
+def test_kd_stage_evaluate_prints_the_scores_it_computed(first_run, kd_home):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["stage", "evaluate", "--profile", "smoke"])
+    assert result.exit_code == 0, result.output
+    newest = max(artifacts(kd_home, "evaluate"), key=lambda p: (p / "metrics.parquet").stat().st_mtime_ns)
+    frame = pd.read_parquet(newest / "metrics.parquet")
+    lines = [" ".join(line.replace("│", " ").split()) for line in result.output.splitlines()]
+    for row in frame.itertuples():
+        assert any(line.startswith(f"{row.model} ") and f" {row.score:.2f}" in f" {line}" for line in lines), (row, result.output)
+
+
 def test_meta_kd_flow_trains_teachers_students_and_reports_each_domain(kd_home):
     import json
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -25,9 +26,16 @@ def _overrides(pairs: list[str]) -> tuple[dict, list[str] | None]:
 
 def register(app: typer.Typer) -> None:
     from flows.profiles import available_profiles
-    from flows.registry import FLOW_NAMES
+    from flows.registry import FLOW_NAMES, STAGE_NAMES
 
     flows_help = " | ".join(FLOW_NAMES)
+    # one line per flow (rich keeps the blank lines between paragraphs of a docstring)
+    stage_doc = (
+        "Rerun one stage on the inputs already in the artifact store.\n\n"
+        "task_distill names both task-distillation steps, meta_distill@books one domain's nodes. "
+        "The stages of each flow (--flow):\n\n"
+        + "\n\n".join(f"{flow}: {', '.join(names)}" for flow, names in STAGE_NAMES.items())
+    )
     profiles_help = " | ".join(available_profiles()) + " | path/to/profile.yaml"
 
     @app.command("run")
@@ -60,14 +68,14 @@ def register(app: typer.Typer) -> None:
             result = flow_fn(profile=profile, overrides=overrides, force=force)
         console.print(f"report: {result['report']}")
 
-    @app.command("stage")
+    @app.command("stage", help=stage_doc)
     def stage(
         name: str = typer.Argument(..., help="a stage name, e.g. task_distill or evaluate"),
         profile: str = typer.Option("smoke", help=profiles_help),
         flow_name: str = typer.Option("tinybert-full", "--flow", help=f"whose stage table to use: {flows_help}"),
         param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="key=value override"),
     ):
-        """Rerun one stage on the inputs already in the artifact store."""
+        """Rerun one stage on the inputs already in the artifact store (help: stage_doc)."""
         from kd_core.errors import UserError
         from flows.profiles import load_profile
         from flows.single_stage import expand_stage_name, single_stage
@@ -82,4 +90,25 @@ def register(app: typer.Typer) -> None:
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2)
         with user_facing("stage"):
-            single_stage(stage=name, profile=profile, overrides=overrides, flow_name=flow_name)
+            written = single_stage(stage=name, profile=profile, overrides=overrides, flow_name=flow_name)
+        for path in written:
+            print_scores(Path(path))
+
+
+def print_scores(artifact: Path) -> None:
+    """The scores an evaluation stage computed (its metrics.parquet), one row per model."""
+    import pandas as pd
+    from rich.table import Table
+
+    metrics_file = artifact / "metrics.parquet"
+    if not metrics_file.is_file():
+        return
+    frame = pd.read_parquet(metrics_file)
+    table = Table(title=f"{artifact.parent.name}: {metrics_file}")
+    columns = [c for c in frame.columns if c not in ("task", "rows")]
+    for column in columns:
+        table.add_column(column, justify="left" if frame[column].dtype == object else "right")
+    for row in frame.itertuples(index=False):
+        table.add_row(*(f"{value:.2f}" if isinstance(value, float) else str(value)
+                        for column, value in zip(frame.columns, row) if column in columns))
+    console.print(table)
