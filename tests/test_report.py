@@ -303,3 +303,25 @@ def test_kd_report_reads_a_fully_cached_run_from_its_parent(flow_runs, tmp_path)
     result = CliRunner().invoke(app, ["report", cached["mlflow_run_id"], "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert f"`{cached['mlflow_run_id']}`: tinybert-full · smoke" in out.read_text() and "(cached report)" in out.read_text()
+
+
+def test_kd_report_takes_the_short_ids_it_prints_and_fits_80_columns(flow_runs):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    home, first, second, _ = flow_runs
+    short = [first["mlflow_run_id"][:8], second["mlflow_run_id"][:8]]
+    result = CliRunner().invoke(app, ["report", "--runs", *short], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in result.output, result.output
+    for flow_result, run in zip((first, second), short):
+        summary = pd.read_parquet(Path(flow_result["report"]).parent / "summary.parquet")
+        for row in summary.itertuples():
+            cells = [run, row.model, f"{row.score:.2f}", f"{row.retention:.1f}", f"{row.params / 1e6:.2f}"]
+            assert any(line.split()[:5] == cells for line in lines if line.strip()), (cells, result.output)
+    too_short = CliRunner().invoke(app, ["report", "--runs", "ab"])
+    assert too_short.exit_code == 2 and "at least 4 characters" in " ".join(too_short.output.split())
+    unknown = CliRunner().invoke(app, ["report", "--runs", "zzzz"])
+    assert unknown.exit_code == 2 and "no kd flow run's id starts with it" in " ".join(unknown.output.split())

@@ -91,6 +91,28 @@ def load_run_summary(client, run_id: str) -> FlowRunSummary:
                           dict(run.data.params), summary)
 
 
+SHORT_ID_MIN = 4
+
+
+def resolve_run_id(client, run_id: str) -> str:
+    """A full MLflow run id as is; a prefix (the 8 characters the tables print) resolved among
+    the kd flow runs of every experiment, and refused when it matches none or several."""
+    if len(run_id) == 32:
+        return run_id
+    if len(run_id) < SHORT_ID_MIN:
+        raise RunLookupError(f"run id {run_id!r} is too short: give at least {SHORT_ID_MIN} characters of it")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string="tags.`kd.flow` LIKE '%'", max_results=50000) if experiments else []
+    matches = [r for r in runs if r.info.run_id.startswith(run_id) and "mlflow.parentRunId" not in r.data.tags]
+    if len(matches) == 1:
+        return matches[0].info.run_id
+    if not matches:
+        raise RunLookupError(f"unknown run id {run_id!r}: no kd flow run's id starts with it; pass an id that `kd run` "
+                             f"printed, or its first 8 characters")
+    listed = ", ".join(f"{r.info.run_id} ({r.data.tags['kd.flow']} · {r.data.tags.get('kd.profile', '?')})" for r in matches[:5])
+    raise RunLookupError(f"run id {run_id!r} is ambiguous: {len(matches)} flow runs start with it ({listed}); give more characters")
+
+
 def config_differences(runs: list[FlowRunSummary]) -> dict[str, list[str]]:
     """Config keys (flattened params of the parent runs) whose values differ between the runs."""
     keys = sorted(set().union(*(r.params for r in runs)))
@@ -134,10 +156,51 @@ def comparison_markdown(runs: list[FlowRunSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The console's columns: the run's flow and profile go in a legend above, so that the table stays
+# readable at 80 columns; the markdown keeps every column.
+CONSOLE_COLUMNS = ("run", "task", "model", "score", "kept %", "params M", "latency ms", "speed-up", "FLOPs")
+
+
+def print_comparison(runs: list[FlowRunSummary]) -> None:
+    from rich import box
+
+    groups = comparison_rows(runs)
+    tasks = {row[2] for rows in groups for row in rows}
+    one_task = len(tasks) == 1  # then the task goes into the legend, and the table fits 80 columns
+    style = dict(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, collapse_padding=True)
+    legend = Table(title="flow runs compared", **style)
+    for column in ("run", "flow · profile" + (" · task" if one_task else ""), "started", "status"):
+        legend.add_column(column, no_wrap=column == "run")
+    for r, rows in zip(runs, groups):
+        what = f"{r.flow} · {r.profile}" + (f" · {rows[0][2].replace(' · ', ' ')}" if one_task and rows else "")
+        legend.add_row(r.run_id[:8], what, r.started, r.status)
+    console.print(legend)
+    columns = [c for c in CONSOLE_COLUMNS if not (one_task and c == "task")]
+    table = Table(**style)
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("run", "task", "model") else "right",
+                         no_wrap=column in ("run", "model"))
+    for rows in groups:
+        for row in rows:
+            run, _flow, task_split, *rest = row
+            table.add_row(run, *([] if one_task else [task_split.replace(" · ", " ")]), *rest)
+        table.add_section()
+    console.print(table)
+    differences = config_differences(runs)
+    if differences:
+        diff = Table(title="config that differs", **style)
+        diff.add_column("key")
+        for r in runs:
+            diff.add_column(r.run_id[:8], no_wrap=True)
+        for key, values in differences.items():
+            diff.add_row(key, *values)
+        console.print(diff)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report(
-        runs: List[str] = typer.Argument(..., help="MLflow parent run ids printed by `kd run` (one or more)", show_default=False),
+        runs: List[str] = typer.Argument(..., help="MLflow parent run ids printed by `kd run`, or their first 8 characters (one or more)", show_default=False),
         _runs_flag: bool = typer.Option(False, "--runs", help="marks the run ids that follow (kd report --runs A B)"),
         out: Optional[Path] = typer.Option(None, help="also write the comparison as markdown here"),
     ):
@@ -153,27 +216,11 @@ def register(app: typer.Typer) -> None:
         setup_tracking()
         client = MlflowClient()
         try:
-            loaded = [load_run_summary(client, run_id) for run_id in runs]
+            loaded = [load_run_summary(client, resolve_run_id(client, run_id)) for run_id in runs]
         except RunLookupError as exc:
             console.print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(2)
-        table = Table(title="flow runs compared")
-        for column in COLUMNS:
-            table.add_column(column, justify="left" if column in COLUMNS[:4] else "right")
-        for rows in comparison_rows(loaded):
-            for row in rows:
-                table.add_row(*row)
-            table.add_section()
-        console.print(table)
-        differences = config_differences(loaded)
-        if differences:
-            diff = Table(title="config that differs")
-            diff.add_column("key")
-            for r in loaded:
-                diff.add_column(r.run_id[:8])
-            for key, values in differences.items():
-                diff.add_row(key, *values)
-            console.print(diff)
+        print_comparison(loaded)
         if out is not None:
             from kd_core.artifacts import atomic_file
 
