@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.run import pipeline_run, summarize
+from flows.run import pipeline_parameters_doc, pipeline_run, summarize
 from tasks.runtime import stage_task
 from tasks.stages import dag_for
 
@@ -24,7 +24,11 @@ FLOW_NAME = "meta-kd"
 
 # A few threads: training stages take one slot anyway, and a hundred waiting task threads would
 # only load the Prefect API. Submission order is topological, so no task waits on a queued one.
-@flow(name=FLOW_NAME, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=3))
+DESCRIPTION = "Meta-KD across the Amazon review domains: per-domain data, single-domain teachers, per-domain report."
+
+
+@flow(name=FLOW_NAME, description=DESCRIPTION, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=3))
+@pipeline_parameters_doc
 def meta_kd(profile: str = "smoke", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
     with pipeline_run(FLOW_NAME, profile, overrides, force) as (ctx, cfg):
         futures = {}

@@ -8,7 +8,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.run import pipeline_run, summarize
+from flows.run import pipeline_parameters_doc, pipeline_run, summarize
 from kd_core.stages import assistant_config
 from tasks.assistant_distill import assistant_distill
 from tasks.benchmark import benchmark
@@ -24,7 +24,11 @@ from tasks.stages import report_training_inputs
 FLOW_NAME = "minilm"
 
 
-@flow(name=FLOW_NAME, log_prints=True)
+DESCRIPTION = "MiniLM / MiniLMv2 general distillation (teacher assistant when the student is small), fine-tuning, evaluation."
+
+
+@flow(name=FLOW_NAME, description=DESCRIPTION, log_prints=True)
+@pipeline_parameters_doc
 def minilm(profile: str = "smoke", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
     with pipeline_run(FLOW_NAME, profile, overrides, force) as (ctx, cfg):
         corpus = prepare_corpus.submit(ctx, cfg)

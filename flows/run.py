@@ -18,6 +18,18 @@ from tasks.runtime import RunContext, StageFailed, close_abandoned_runs, first_f
 from tasks.tracking import flatten, setup_tracking, tracking_uri
 
 
+def pipeline_parameters_doc(fn):
+    """Appends the pipeline flows' shared ``Args:`` section to ``fn``'s docstring: Prefect shows
+    these as the parameter descriptions of every deployment's run form."""
+    from flows.profiles import available_profiles
+
+    fn.__doc__ = ((fn.__doc__ or fn.__name__).strip() + "\n\nArgs:\n"
+                  f"    profile: a profile in flows/profiles ({', '.join(available_profiles())}) or a path to a profile YAML.\n"
+                  '    overrides: config values over the profile, as `kd run -p` takes them: {"task.train_limit": 500}.\n'
+                  '    force: stages to recompute even when cached, e.g. ["augment"]; task_distill names both of its steps.\n')
+    return fn
+
+
 def _prefect_flow_run_id() -> str | None:
     from prefect.runtime import flow_run
 

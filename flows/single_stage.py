@@ -61,9 +61,16 @@ def expand_stage_name(name: str, stages: list[str]) -> list[str]:
     return steps
 
 
-@flow(name="kd-stage", log_prints=True)
+@flow(name="kd-stage", description="Rerun one stage from cached inputs (like `kd stage`).", log_prints=True)
 def single_stage(stage: str, profile: str = "smoke", overrides: dict[str, Any] | None = None, flow_name: str = "tinybert-full") -> list[str]:
-    """Run ``stage`` (both steps for task_distill) of ``flow_name`` on the inputs in the store, forced."""
+    """Run ``stage`` (both steps for task_distill) of ``flow_name`` on the inputs in the store, forced.
+
+    Args:
+        stage: the stage to recompute, e.g. task_distill or evaluate (`kd stage --help` lists each flow's stages).
+        profile: the profile whose artifacts the stage reads, as for the flow runs that made them.
+        overrides: config values over the profile, as `kd stage -p` takes them; they pick which cached inputs are read.
+        flow_name: whose stage graph to use: tinybert-full, minilm, meta-kd or squad-distill.
+    """
     from flows.profiles import load_profile
 
     names = expand_stage_name(stage, list(dag_for(flow_name, load_profile(profile, overrides))))

@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.run import pipeline_run, summarize
+from flows.run import pipeline_parameters_doc, pipeline_run, summarize
 from tasks.benchmark import benchmark
 from tasks.general_distill import general_distill
 from tasks.prepare_corpus import prepare_corpus
@@ -24,7 +24,11 @@ from tasks.stages import report_training_inputs
 FLOW_NAME = "squad-distill"
 
 
-@flow(name=FLOW_NAME, log_prints=True)
+DESCRIPTION = "TinyBERT on SQuAD: QA teacher, general + QA task distillation, EM/F1."
+
+
+@flow(name=FLOW_NAME, description=DESCRIPTION, log_prints=True)
+@pipeline_parameters_doc
 def squad_distill(profile: str = "smoke-squad", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
     with pipeline_run(FLOW_NAME, profile, overrides, force) as (ctx, cfg):
         # Two independent branches: corpus -> general student, and QA data -> QA teacher.

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.run import pipeline_run, summarize
+from flows.run import pipeline_parameters_doc, pipeline_run, summarize
 from tasks.augment import augment
 from tasks.benchmark import benchmark
 from tasks.evaluate import evaluate
@@ -24,7 +24,11 @@ from tasks.task_distill_prediction import task_distill_prediction
 FLOW_NAME = "tinybert-full"
 
 
-@flow(name=FLOW_NAME, log_prints=True)
+DESCRIPTION = "TinyBERT end to end: general + task distillation with augmentation, evaluation, benchmark, report."
+
+
+@flow(name=FLOW_NAME, description=DESCRIPTION, log_prints=True)
+@pipeline_parameters_doc
 def tinybert_full(profile: str = "smoke", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
     with pipeline_run(FLOW_NAME, profile, overrides, force) as (ctx, cfg):
         # Two independent branches run concurrently: corpus -> general distillation, and

@@ -94,3 +94,21 @@ def test_kd_stage_help_lists_every_stage_the_graphs_can_hold():
     text = " ".join(result.output.split())  # rich wraps at the terminal's width
     for flow, listed in STAGE_NAMES.items():
         assert f"{flow}: {', '.join(listed)}" in text, flow
+
+
+def test_every_deployment_form_describes_its_flow_and_parameters():
+    """Prefect builds a deployment's run form from the flow's description and docstring: each
+    parameter gets a description, and profile's names every profile there is."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.profiles import available_profiles
+    from flows.registry import all_flows
+    from flows.single_stage import single_stage
+
+    for name, flow in {**all_flows(), "kd-stage": single_stage}.items():
+        assert flow.description and "\n" not in flow.description, name
+        properties = parameter_schema(flow).model_dump()["properties"]
+        for parameter, spec in properties.items():
+            assert len(spec.get("description", "")) > 20, (name, parameter)
+        if name != "kd-stage":
+            assert all(profile in properties["profile"]["description"] for profile in available_profiles()), name
