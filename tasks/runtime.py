@@ -330,4 +330,6 @@ def stage_task(name: str):
         return run_stage(ctx, cfg, name, *inputs)
 
     run.__name__ = name
-    return task(name=name, cache_policy=NO_CACHE, persist_result=False)(run)
+    # the task run is named after its stage, without Prefect's random suffix (a callable, not a
+    # template: meta-kd's node names hold '@' and '/')
+    return task(name=name, task_run_name=lambda: name, cache_policy=NO_CACHE, persist_result=False)(run)

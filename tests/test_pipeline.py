@@ -54,7 +54,8 @@ def stage_states(flow_run_id: str, wait_s: float = 30.0) -> dict[str, str]:
     async def fetch():
         async with get_client() as client:
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            return {run.name.rsplit("-", 1)[0]: (run.state.name if run.state else None, run.state.is_final() if run.state else False)
+            # task runs are named after their stage, with no random suffix (tasks/runtime.py)
+            return {run.name: (run.state.name if run.state else None, run.state.is_final() if run.state else False)
                     for run in runs}
 
     deadline = time.monotonic() + wait_s
