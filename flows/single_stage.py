@@ -69,7 +69,7 @@ def single_stage(stage: str, profile: str = "smoke", overrides: dict[str, Any] |
         stage: the stage to recompute, e.g. task_distill or evaluate (`kd stage --help` lists each flow's stages).
         profile: the profile whose artifacts the stage reads, as for the flow runs that made them.
         overrides: config values over the profile, as `kd stage -p` takes them; they pick which cached inputs are read.
-        flow_name: whose stage graph to use: tinybert-full, minilm, meta-kd or squad-distill.
+        flow_name: whose stage graph to use, a flow of flows/registry.py (`kd run --help` lists them).
     """
     from flows.profiles import load_profile
 

@@ -222,7 +222,7 @@ def fill_local_context() -> list[str]:
     return filled
 
 
-def build_images(mode: str, env_args: list[str]) -> dict[str, float]:
+def build_images(mode: str) -> dict[str, float]:
     """Build what the chosen mode needs; returns seconds per image (layers cached by the daemon)."""
     seconds: dict[str, float] = {}
     filled = fill_local_context()
@@ -241,7 +241,7 @@ def build_images(mode: str, env_args: list[str]) -> dict[str, float]:
             seconds[image] = round(time.monotonic() - started, 1)
     else:
         started = time.monotonic()
-        run(["docker-compose", *env_args, *compose_files(mode), "build"], cwd=REPO)
+        compose(mode, "build")
         seconds[CPU_IMAGE] = round(time.monotonic() - started, 1)
     return seconds
 
@@ -349,7 +349,7 @@ def up(mode: str = "auto", build: bool = True, timeout: float = 600.0) -> dict:
         ensure_base_image()
         timings["base_image_s"] = round(time.monotonic() - t0, 1)
     if build:
-        timings["build_s"] = build_images(mode, ["--env-file", str(env_file())])
+        timings["build_s"] = build_images(mode)
     check_ports(mode)
     t0 = time.monotonic()
     compose(mode, "up", "-d", "--no-build")

@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         flow_name: str = typer.Option("tinybert-full", "--flow", help=f"whose stage table to use: {flows_help}"),
         param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="key=value override"),
     ):
-        """Rerun one stage on the inputs already in the artifact store (help: stage_doc)."""
+        """Rerun one stage on the inputs already in the artifact store."""
         from kd_core.errors import UserError
         from flows.profiles import load_profile
         from flows.single_stage import expand_stage_name, single_stage
@@ -108,7 +108,6 @@ def print_scores(artifact: Path) -> None:
     columns = [c for c in frame.columns if c not in ("task", "rows")]
     for column in columns:
         table.add_column(column, justify="left" if frame[column].dtype == object else "right")
-    for row in frame.itertuples(index=False):
-        table.add_row(*(f"{value:.2f}" if isinstance(value, float) else str(value)
-                        for column, value in zip(frame.columns, row) if column in columns))
+    for row in frame[columns].itertuples(index=False):
+        table.add_row(*(f"{value:.2f}" if isinstance(value, float) else str(value) for value in row))
     console.print(table)
