@@ -13,6 +13,7 @@ from kd_core.stages import assistant_config
 from tasks.assistant_distill import assistant_distill
 from tasks.benchmark import benchmark
 from tasks.evaluate import evaluate
+from tasks.export import export
 from tasks.finetune_student import finetune_student
 from tasks.finetune_teacher import finetune_teacher
 from tasks.minilm_distill import minilm_distill
@@ -51,4 +52,7 @@ def minilm(profile: str = "smoke", overrides: dict[str, Any] | None = None, forc
             trained["assistant_distill"] = assistant
         # the report draws each training stage's loss curve
         training = report_training_inputs(FLOW_NAME, cfg, trained)
-        return summarize(ctx, report.submit(ctx, cfg, evaluation, bench, *training).result())
+        final = report.submit(ctx, cfg, evaluation, bench, *training)
+        # the export times its forms too: after the benchmark, never beside it
+        exported = export.submit(ctx, cfg, student, task_data, wait_for=[bench]) if cfg.export.enabled else None
+        return summarize(ctx, final.result(), exported.result() if exported else None)

@@ -22,13 +22,13 @@ FLOW_NAMES: tuple[str, ...] = tuple(FLOWS)
 # Every stage name a flow's graph can hold, in graph order, for `kd stage --help` without
 # importing torch (tasks/stages.py builds the graphs). Which of them a run has depends on its
 # config (prune_teacher replaces prepare_corpus and general_distill for
-# student.init=pruned, student.prune.source=finetuned); meta-kd's per-domain nodes are
+# student.init=pruned, student.prune.source=finetuned; export runs with export.enabled); meta-kd's per-domain nodes are
 # `<stage>@<domain>/...`. tests/test_cli.py checks this table against the graphs.
 STAGE_NAMES: dict[str, tuple[str, ...]] = {
     "tinybert-full": ("prepare_corpus", "general_distill", "prepare_task", "finetune_teacher", "prune_teacher",
-                      "augment", "task_distill_intermediate", "task_distill_prediction", "evaluate", "benchmark", "report"),
+                      "augment", "task_distill_intermediate", "task_distill_prediction", "evaluate", "benchmark", "report", "export"),
     "minilm": ("prepare_corpus", "assistant_distill", "minilm_distill", "prepare_task", "finetune_teacher",
-               "finetune_student", "evaluate", "benchmark", "report"),
+               "finetune_student", "evaluate", "benchmark", "report", "export"),
     "meta-kd": ("prepare_task", "encode_domains", "finetune_teacher", "meta_teacher", "finetune_mixed",
                 "meta_distill", "distill_single", "distill_mixed", "evaluate_teachers", "evaluate", "report"),
     "squad-distill": ("prepare_corpus", "general_distill", "prepare_qa", "finetune_teacher_qa",

@@ -134,8 +134,9 @@ def _publish_to_prefect(report_text: str, mlflow_url: str | None) -> None:
                              description="the flow run's parent run in MLflow")
 
 
-def summarize(ctx: RunContext, report: Artifact) -> dict:
-    """Attach the report to the parent run and say where to look."""
+def summarize(ctx: RunContext, report: Artifact, exported: Artifact | None = None) -> dict:
+    """Attach the report (and the export's table, when the flow exported) to the parent run and
+    say where to look."""
     client = MlflowClient()
     report_md = report.path / "report.md"
     client.log_artifact(ctx.parent_run_id, str(report_md))
@@ -149,10 +150,17 @@ def summarize(ctx: RunContext, report: Artifact) -> dict:
     if headline:
         client.log_batch(ctx.parent_run_id, metrics=[Metric(k, v, 0, 0) for k, v in headline.items()])
     text = report_md.read_text()
+    if exported is not None:
+        for name in ("export.md", "export.parquet"):
+            client.log_artifact(ctx.parent_run_id, str(exported.path / name))
+        numbers = exported.manifest.get("result", {})
+        client.log_batch(ctx.parent_run_id, metrics=[Metric(f"export/{k}", float(v), 0, 0) for k, v in numbers.items()])
+        text += "\n" + (exported.path / "export.md").read_text().replace("# ", "## ", 1)
     run = client.get_run(ctx.parent_run_id)
     url = mlflow_run_url(run.info.experiment_id, ctx.parent_run_id)
     _publish_to_prefect(text, url)
     print(text)
     where = url or f"{ctx.parent_run_id} in {tracking_uri()} (make ui to browse)"
     print(f"MLflow: parent run {where}")
-    return {"report": str(report_md), "mlflow_run_id": ctx.parent_run_id, "report_text": text}
+    return {"report": str(report_md), "mlflow_run_id": ctx.parent_run_id, "report_text": text,
+            **({"export": str(exported.path)} if exported is not None else {})}

@@ -11,6 +11,7 @@ from flows.run import pipeline_parameters_doc, pipeline_run, summarize
 from tasks.augment import augment
 from tasks.benchmark import benchmark
 from tasks.evaluate import evaluate
+from tasks.export import export
 from tasks.finetune_teacher import finetune_teacher
 from tasks.general_distill import general_distill
 from tasks.prepare_corpus import prepare_corpus
@@ -53,4 +54,6 @@ def tinybert_full(profile: str = "smoke", overrides: dict[str, Any] | None = Non
             "task_distill_intermediate": intermediate, "task_distill_prediction": student,
         })
         final = report.submit(ctx, cfg, evaluation, bench, *training)
-        return summarize(ctx, final.result())
+        # the export times its forms too: after the benchmark, never beside it
+        exported = export.submit(ctx, cfg, student, task_data, wait_for=[bench]) if cfg.export.enabled else None
+        return summarize(ctx, final.result(), exported.result() if exported else None)

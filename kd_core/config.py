@@ -463,6 +463,18 @@ class BenchmarkSection(StrictModel):
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
+class ExportSection(StrictModel):
+    """The export stage (tinybert-full, minilm): the student as ONNX and ONNX int8, each checked
+    against eager on the evaluation split and timed beside it, each registered in MLflow."""
+
+    enabled: bool = Field(False, description="true: run the export stage after the benchmark")
+    forms: list[Literal["onnx", "onnx_int8"]] = Field(default_factory=lambda: ["onnx", "onnx_int8"], min_length=1)
+    batch_size: int = Field(32, ge=1, description="the timed batch")
+    seq_len: int = Field(128, ge=8, description="the timed sequence length")
+    repeats: int = Field(5, ge=1)
+    threads: int | None = Field(None, ge=1, description="default: torch's current setting")
+
+
 class PipelineConfig(StrictModel):
     """Everything one flow run needs; each stage's cache key hashes only its own section(s)."""
 
@@ -483,6 +495,7 @@ class PipelineConfig(StrictModel):
     meta_kd: MetaKDSection = Field(default_factory=MetaKDSection)
     qa: QASection = Field(default_factory=QASection)
     benchmark: BenchmarkSection = Field(default_factory=BenchmarkSection)
+    export: ExportSection = Field(default_factory=ExportSection)
     force: list[str] = Field(default_factory=list, description="stages to rerun even when cached")
 
 

@@ -475,6 +475,45 @@ def benchmark(cfg: PipelineConfig, models: dict[str, Path], out: Path) -> dict:
     return result
 
 
+def export(cfg: PipelineConfig, student_dir: Path, task_dir: Path, out: Path) -> dict:
+    """The student as ONNX and ONNX int8 under ``out/<form>/`` (kd_core.export), with export.parquet
+    and export.md: each form's parity with eager and its score on the evaluation split, and its
+    speed beside eager."""
+    from kd_core.data.tasks import get_task
+    from kd_core.evaluate.glue import compute_metrics, primary_score
+    from kd_core.export import TimingCell, export_forms, export_markdown
+
+    spec = get_task(cfg.task.name)
+    section = cfg.export
+    tokenizer = load_tokenizer(student_dir / MODEL_SUBDIR)
+    model = _load_classifier(student_dir / MODEL_SUBDIR, spec)
+    rows = _read_rows(task_dir / f"{cfg.task.eval_split}.parquet")
+    examples = encode_examples(rows, tokenizer, cfg.task.max_seq_length)
+    labels = np.asarray([ex["labels"] for ex in examples])
+
+    def score(logits: np.ndarray) -> float:
+        predictions = logits[:, 0] if spec.is_regression else logits.argmax(-1)
+        return primary_score(compute_metrics(spec.metrics, predictions, labels))
+
+    cell = TimingCell(batch_size=section.batch_size, seq_len=section.seq_len, repeats=section.repeats,
+                      threads=section.threads)
+    frame = export_forms(model, tokenizer, student_dir / MODEL_SUBDIR, examples, spec.is_regression, out,
+                         forms=section.forms, cell=cell, score=score)
+    frame.insert(1, "split", cfg.task.eval_split)
+    frame.to_parquet(out / "export.parquet", index=False)
+    (out / "export.md").write_text(export_markdown(frame, f"{cfg.profile}: {spec.name} student, exported"))
+    result = {}
+    for row in frame.itertuples():
+        result[f"{row.form}_score"] = round(float(row.score), 4)
+        result[f"{row.form}_seq_per_s"] = round(float(row.seq_per_s), 2)
+        if row.form != "eager":
+            result[f"{row.form}_max_abs_logit_diff"] = float(row.max_abs_logit_diff)
+            result[f"{row.form}_label_agreement"] = round(float(row.label_agreement), 6)
+            result[f"{row.form}_speedup"] = round(float(row.speedup_vs_eager), 3)
+            result[f"{row.form}_size_mb"] = round(float(row.size_mb), 3)
+    return result
+
+
 def report(
     cfg: PipelineConfig,
     eval_dir: Path,

@@ -24,7 +24,7 @@ from kd_core.config import PipelineConfig
 from kd_core.stop import STOP_REQUESTED, StopRequested, check_stop, stoppable
 from kd_core.train.trainer import TrainingInterrupted
 from tasks.stages import dag_for, stage_matches
-from tasks.tracking import StepMetricsLogger, annotate_versions, flatten, register_model_dir, setup_tracking
+from tasks.tracking import StepMetricsLogger, annotate_versions, flatten, register_model_dir, register_onnx, setup_tracking
 
 SMALL_OUTPUTS = (".json", ".md", ".png", ".parquet")
 
@@ -308,6 +308,17 @@ def _compute_stage(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: 
             version, new = register_model_dir(run_id, artifact.path / "model", registry_name, version_tags,
                                               pair_task=_is_pair_task(stage.task_of(cfg)), description=description)
             logger.info("%s: %s %s version %s", name, "registered" if new else "already registered as", registry_name, version)
+        if stage.registers_onnx:
+            for form_dir in sorted(p.parent for p in artifact.path.glob("*/model.onnx")):
+                role = f"student-{form_dir.name.replace('_', '-')}"
+                registry_name = stage.registry_name(ctx.flow_name, cfg, role)
+                version_tags = {"kd.key": key, "kd.role": role, "kd.stage": name, "kd.flow": ctx.flow_name,
+                                "kd.profile": cfg.profile, "kd.task": stage.task_of(cfg), "kd.artifact": str(form_dir)}
+                version, new = register_onnx(run_id, form_dir, registry_name, version_tags, description=(
+                    f"{form_dir.name} export of the {ctx.flow_name} student ({cfg.profile} profile), stage key {key}. "
+                    f"ONNX graph and tokenizer: {form_dir}"))
+                logger.info("%s: %s %s version %s", name, "registered" if new else "already registered as",
+                            registry_name, version)
         if stage.annotates_registry:
             import pandas as pd
 

@@ -62,11 +62,12 @@ class StageDef:
     trains: bool = False  # takes a training slot (see tasks.runtime)
     task_of: Callable[[PipelineConfig], str] = lambda c: c.task.name  # names registered models
     annotates_registry: bool = False  # a report: its scores are tagged on the registered versions
+    registers_onnx: bool = False  # an export: each ``<form>/model.onnx`` is registered as ``student-<form>``
 
-    def registry_name(self, flow_name: str, cfg: PipelineConfig) -> str:
+    def registry_name(self, flow_name: str, cfg: PipelineConfig, role: str | None = None) -> str:
         """``<flow>-<profile>-<task>-<role>``: one lineage per profile, so a smoke run's random
         model never becomes a version of the demo or paper student."""
-        return f"{flow_name}-{cfg.profile}-{self.task_of(cfg)}-{self.register_as}"
+        return f"{flow_name}-{cfg.profile}-{self.task_of(cfg)}-{role or self.register_as}"
 
 
 def _dump(model) -> dict:
@@ -128,9 +129,23 @@ def _evaluation_stages(student_stage: str, training: tuple[str, ...] = ()) -> li
     ]
 
 
-def _with_evaluation(stages: list[StageDef], student_stage: str) -> list[StageDef]:
-    """``stages`` then evaluate, benchmark and a report that reads every training stage among them."""
-    return stages + _evaluation_stages(student_stage, tuple(s.name for s in stages if s.trains))
+def _export_stage(student_stage: str) -> StageDef:
+    """The student as ONNX and ONNX int8, checked against eager on the evaluation split; the flows
+    run it after the benchmark, so the two never time on the same cores at once."""
+    return StageDef(
+        "export",
+        (student_stage, "prepare_task"),
+        lambda c: {"task": _dump(c.task), "export": _dump(c.export)},
+        lambda c, student, task, out, work, cb: core.export(c, student, task, out),
+        registers_onnx=True,
+    )
+
+
+def _with_evaluation(stages: list[StageDef], student_stage: str, cfg: PipelineConfig) -> list[StageDef]:
+    """``stages`` then evaluate, benchmark and a report that reads every training stage among them,
+    and the export when ``export.enabled``."""
+    exported = [_export_stage(student_stage)] if cfg.export.enabled else []
+    return stages + _evaluation_stages(student_stage, tuple(s.name for s in stages if s.trains)) + exported
 
 
 def report_training_inputs(flow_name: str, cfg: PipelineConfig, produced: dict) -> list:
@@ -287,7 +302,7 @@ def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:
         ),
         *task_distill_steps("task_distill", "finetune_teacher", student_stage, "augment",
                             task_distill_section, core.task_distill),
-    ], "task_distill_prediction")
+    ], "task_distill_prediction", cfg)
 
 
 def _finetune_student_stage(cfg: PipelineConfig) -> StageDef:
@@ -346,7 +361,7 @@ def minilm_dag(cfg: PipelineConfig) -> list[StageDef]:
         PREPARE_TASK,
         FINETUNE_TEACHER,
         _finetune_student_stage(cfg),
-    ], "finetune_student")
+    ], "finetune_student", cfg)
 
 
 def _for_domain(stage: StageDef, domain: str, inputs: tuple[str, ...]) -> StageDef:
@@ -378,12 +393,18 @@ def squad_dag(cfg: PipelineConfig) -> list[StageDef]:
     return build(cfg)
 
 
+EXPORTING_FLOWS = ("tinybert-full", "minilm")
 DAGS = {"tinybert-full": tinybert_dag, "minilm": minilm_dag, "meta-kd": metakd_dag, "squad-distill": squad_dag}
 
 
 def dag_for(flow_name: str, cfg: PipelineConfig) -> dict[str, StageDef]:
     if flow_name not in DAGS:
         raise ValueError(f"unknown flow {flow_name!r}; flows with stages: {', '.join(DAGS)}")
+    if cfg.export.enabled and flow_name not in EXPORTING_FLOWS:
+        from kd_core.config import ConfigError
+
+        raise ConfigError(f"export.enabled: {flow_name} has no export stage (it exports a GLUE classifier); "
+                          f"flows with one: {', '.join(EXPORTING_FLOWS)}")
     dag = {stage.name: stage for stage in DAGS[flow_name](cfg)}
     check_force(flow_name, list(cfg.force), list(dag))
     return dag

@@ -155,6 +155,41 @@ def register_model_dir(run_id: str, model_dir: Path, name: str, tags: dict[str, 
     return version, True
 
 
+def register_onnx(run_id: str, form_dir: Path, name: str, tags: dict[str, str], description: str = "") -> tuple[str, bool]:
+    """Log ``form_dir/model.onnx`` with MLflow's onnx flavour (the tokenizer and config.json as
+    extra files, a signature from an input example of token ids) under the run, and register it
+    as a version of ``name``. A key that already has a version is not registered again.
+    Returns (version, newly registered)."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+
+    client = MlflowClient()
+    found = existing_version(client, name, tags["kd.key"])
+    if found is not None:
+        return found.version, False
+    graph = onnx.load(str(form_dir / "model.onnx"))
+    inputs = [i.name for i in graph.graph.input]
+    # the graph takes token ids: two tokenised rows as the example (CLS, a token, SEP)
+    example = {n: np.array([[101, 2000, 102], [101, 2001, 102]] if n == "input_ids" else np.ones((2, 3)) if n == "attention_mask"
+                           else np.zeros((2, 3)), dtype=np.int64) for n in inputs}
+    extra = [str(p) for p in sorted(form_dir.iterdir()) if p.name != "model.onnx" and p.is_file()]
+    with _setup_lock, mlflow.start_run(run_id=run_id, nested=True):
+        info = mlflow.onnx.log_model(
+            graph, name=f"model-{form_dir.name}", input_example=example, extra_files=extra,
+            pip_requirements=[f"mlflow=={mlflow.__version__}", f"onnx=={onnx.__version__}",
+                              f"onnxruntime=={onnxruntime.__version__}"],
+            onnx_execution_providers=["CPUExecutionProvider"], registered_model_name=name,
+            await_registration_for=0, save_as_external_data=False,
+        )
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if description:
+        client.update_model_version(name, version, description=description)
+    return version, True
+
+
 def annotate_versions(report_manifest: dict, summary, eval_split: str) -> list[str]:
     """After a report: tag the registered versions of its models with their score, retention,
     params and speed-up, and point the alias ``best`` (``best-<split>`` off dev) at the

@@ -79,10 +79,12 @@ def test_kd_stage_help_lists_every_stage_the_graphs_can_hold():
     from tasks.stages import dag_for
 
     pruned = dict(parse_override(p) for p in ("student.init=pruned", "student.prune.source=finetuned"))
+    exported = dict([parse_override("export.enabled=true")])
     for flow, listed in STAGE_NAMES.items():
         seen: list[str] = []
         for profile in available_profiles():
-            for overrides in ({}, pruned) if flow == "tinybert-full" else ({},):
+            variants = {"tinybert-full": ({}, pruned, exported), "minilm": ({}, exported)}.get(flow, ({},))
+            for overrides in variants:
                 try:
                     dag = dag_for(flow, load_profile(profile, overrides))
                 except Exception:  # profiles made for another flow (their task or teacher does not fit)

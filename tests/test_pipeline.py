@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -441,3 +442,57 @@ def test_the_parent_run_is_named_carries_the_headline_metrics_and_the_report_rea
 
     (report,) = asyncio.run(report_artifacts())
     assert report.type == "markdown" and "| student |" in report.data
+
+
+def test_the_export_stage_writes_checked_onnx_forms_and_registers_each(first_run, kd_home):
+    """Issue 14.10: export.enabled adds the export stage alone (every other stage Cached). Its
+    eager score is the evaluate stage's, its float32 graph computes the student's logits on the
+    dev rows (recomputed here), and each form is its own registered onnx-flavour model whose
+    predictions are the graph's."""
+    import mlflow
+    import onnxruntime as ort
+    from mlflow.tracking import MlflowClient
+
+    from kd_core.data.features import encode_examples
+    from kd_core.export import batched_logits, eager_predict, onnx_predict
+    from kd_core.models.registry import load_tokenizer
+    from transformers import AutoModelForSequenceClassification
+
+    result, _, flow_run_id = run_flow(overrides={"export.enabled": True})
+    assert stage_states(flow_run_id) == {**{stage: "Cached" for stage in STAGE_NAMES}, "export": "Completed"}
+    (exported,) = artifacts(kd_home, "export")
+    assert result["export"] == str(exported)
+    frame = pd.read_parquet(exported / "export.parquet").set_index("form")
+    (evaluated,) = artifacts(kd_home, "evaluate")
+    scores = pd.read_parquet(evaluated / "metrics.parquet").set_index("model")["score"]
+    assert frame.loc["eager", "score"] == pytest.approx(scores["student"])
+    assert frame.loc["onnx", "score"] == pytest.approx(scores["student"])
+
+    (student,) = artifacts(kd_home, "task_distill_prediction")
+    (task,) = artifacts(kd_home, "prepare_task")
+    tokenizer = load_tokenizer(student / "model")
+    examples = encode_examples(pd.read_parquet(task / "dev.parquet"), tokenizer, 32)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    model = AutoModelForSequenceClassification.from_pretrained(student / "model").eval()
+    eager = batched_logits(eager_predict(model), examples, names, tokenizer.pad_token_id)
+    for form in ("onnx", "onnx_int8"):
+        session = ort.InferenceSession(str(exported / form / "model.onnx"), providers=["CPUExecutionProvider"])
+        logits = batched_logits(onnx_predict(session, names), examples, names, tokenizer.pad_token_id)
+        assert frame.loc[form, "max_abs_logit_diff"] == pytest.approx(np.abs(logits - eager).max(), abs=1e-5)
+        assert frame.loc[form, "label_agreement"] == pytest.approx(np.mean(logits.argmax(-1) == eager.argmax(-1)))
+    assert frame.loc["onnx", "max_abs_logit_diff"] < 1e-4
+
+    mlflow.set_tracking_uri(f"sqlite:///{kd_home / 'mlflow.db'}")
+    client = MlflowClient()
+    feed = {n: np.asarray(v, dtype=np.int64) for n, v in tokenizer(["a moving film", "dull and far too long"],
+                                                                   padding=True).items() if n in names}
+    for form, role in (("onnx", "student-onnx"), ("onnx_int8", "student-onnx-int8")):
+        (version,) = client.search_model_versions(f"name = 'tinybert-full-smoke-sst2-{role}'")
+        assert version.tags["kd.key"] == exported.name and version.tags["kd.role"] == role
+        served = mlflow.pyfunc.load_model(f"models:/tinybert-full-smoke-sst2-{role}/{version.version}")
+        direct = ort.InferenceSession(str(exported / form / "model.onnx"), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(served.predict(feed)["logits"], direct.run(["logits"], feed)[0], rtol=0, atol=1e-6)
+    experiment = client.get_experiment_by_name("kd-pipeline")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=50)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.metrics["export/onnx_int8_speedup"] == pytest.approx(frame.loc["onnx_int8", "speedup_vs_eager"], abs=1e-3)
