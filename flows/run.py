@@ -15,7 +15,7 @@ from kd_core.models.registry import kd_home
 from kd_core.stop import STOP_REQUESTED, StopRequested
 
 from tasks.runtime import RunContext, StageFailed, close_abandoned_runs, first_failure, process_tags
-from tasks.tracking import flatten, setup_tracking, tracking_uri
+from tasks.tracking import flatten, log_markdown, setup_tracking, tracking_uri
 
 
 def pipeline_parameters_doc(fn):
@@ -139,7 +139,7 @@ def summarize(ctx: RunContext, report: Artifact, exported: Artifact | None = Non
     say where to look."""
     client = MlflowClient()
     report_md = report.path / "report.md"
-    client.log_artifact(ctx.parent_run_id, str(report_md))
+    log_markdown(client, ctx.parent_run_id, report_md)
     # plots and the summary too: a cached report stage has no run of its own in this flow run,
     # and `kd report --runs` reads summary.parquet from here
     for extra in sorted(report.path.iterdir()):
@@ -151,8 +151,8 @@ def summarize(ctx: RunContext, report: Artifact, exported: Artifact | None = Non
         client.log_batch(ctx.parent_run_id, metrics=[Metric(k, v, 0, 0) for k, v in headline.items()])
     text = report_md.read_text()
     if exported is not None:
-        for name in ("export.md", "export.parquet"):
-            client.log_artifact(ctx.parent_run_id, str(exported.path / name))
+        log_markdown(client, ctx.parent_run_id, exported.path / "export.md")
+        client.log_artifact(ctx.parent_run_id, str(exported.path / "export.parquet"))
         numbers = exported.manifest.get("result", {})
         client.log_batch(ctx.parent_run_id, metrics=[Metric(f"export/{k}", float(v), 0, 0) for k, v in numbers.items()])
         text += "\n" + (exported.path / "export.md").read_text().replace("# ", "## ", 1)

@@ -50,6 +50,16 @@ def resolve_inputs(ctx: RunContext, cfg, name: str, overrides: dict[str, Any] | 
     return found
 
 
+def stage_overrides(stage: str, flow_name: str, overrides: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``kd stage export`` switches the export on: no stage's key, the export's included, depends
+    on ``export.enabled``."""
+    from tasks.stages import EXPORTING_FLOWS
+
+    if stage == "export" and flow_name in EXPORTING_FLOWS:
+        return {**(overrides or {}), "export.enabled": True}
+    return overrides
+
+
 def expand_stage_name(name: str, stages: list[str]) -> list[str]:
     """A stage, or the nodes it names the way ``force`` does: ``task_distill`` (both steps),
     ``meta_distill`` (every ``meta_distill@<domain>/...`` node) or ``meta_distill@books``."""
@@ -73,6 +83,7 @@ def single_stage(stage: str, profile: str = "smoke", overrides: dict[str, Any] |
     """
     from flows.profiles import load_profile
 
+    overrides = stage_overrides(stage, flow_name, overrides)
     names = expand_stage_name(stage, list(dag_for(flow_name, load_profile(profile, overrides))))
     with pipeline_run(flow_name, profile, overrides, names) as (ctx, cfg):
         written = []

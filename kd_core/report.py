@@ -315,3 +315,31 @@ def write_report(
     with atomic_file(out / "report.md") as tmp:
         Path(tmp).write_text(text)
     return summary
+
+
+def markdown_html(path: Path) -> str:
+    """``path`` (a report's markdown) as one self-contained HTML page: tables rendered, and each
+    image it links beside it inlined as a data URI, because MLflow's artifact viewer shows .md
+    as plain text and renders .html in a sandbox that cannot fetch the neighbouring files."""
+    import base64
+    import html
+
+    from markdown_it import MarkdownIt
+
+    path = Path(path)
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(path.read_text())
+
+    def inline(match: re.Match) -> str:
+        source = html.unescape(match.group(1))
+        image = path.parent / source
+        if "/" in source or not image.is_file():
+            return match.group(0)
+        data = base64.b64encode(image.read_bytes()).decode()
+        return f'src="data:image/{image.suffix.lstrip(".")};base64,{data}"'
+
+    body = re.sub(r'src="([^"]+)"', inline, body)
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:1.5em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+             "th:first-child,td:first-child{text-align:left}img{max-width:100%}code{background:#f4f4f4}")
+    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(path.stem)}</title>"
+            f"<style>{style}</style></head><body>{body}</body></html>\n")

@@ -24,7 +24,7 @@ from kd_core.config import PipelineConfig
 from kd_core.stop import STOP_REQUESTED, StopRequested, check_stop, stoppable
 from kd_core.train.trainer import TrainingInterrupted
 from tasks.stages import dag_for, stage_matches
-from tasks.tracking import StepMetricsLogger, annotate_versions, flatten, register_model_dir, register_onnx, setup_tracking
+from tasks.tracking import StepMetricsLogger, annotate_versions, flatten, log_markdown, register_model_dir, register_onnx, setup_tracking
 
 SMALL_OUTPUTS = (".json", ".md", ".png", ".parquet")
 
@@ -297,7 +297,9 @@ def _compute_stage(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: 
         if numbers:
             client.log_batch(run_id, metrics=numbers)
         for path in sorted(artifact.path.iterdir()):
-            if path.is_file() and path.suffix in SMALL_OUTPUTS:
+            if path.is_file() and path.suffix == ".md":
+                log_markdown(client, run_id, path)
+            elif path.is_file() and path.suffix in SMALL_OUTPUTS:
                 client.log_artifact(run_id, str(path))
         if stage.register_as:
             registry_name = stage.registry_name(ctx.flow_name, cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ class StepMetricsLogger:
         now = int(time.time() * 1000)
         for name, value in metrics.items():
             if name != "step":
-                self.pending.append(Metric(_metric_name(name), float(value), now, step))
+                self.pending.append(Metric(metric_name(name), float(value), now, step))
         if len(self.pending) >= self.flush_every * max(1, len(metrics)) or time.monotonic() - self.flushed_at >= self.flush_seconds:
             self.flush()
 
@@ -94,8 +95,20 @@ class StepMetricsLogger:
         self.flushed_at = time.monotonic()
 
 
-def _metric_name(name: str) -> str:
-    # MLflow allows alphanumerics, _ - . space : / only
+_LAYER_TERM = re.compile(r"^loss/(\w+)\[(-?\d+)<-(-?\d+)\]:(\w+)$")  # loss/<feature>[<s><-<t>]:<loss>
+_OUTPUT_TERM = re.compile(r"^loss/(\w+):(\w+)$")  # loss/<feature>:<loss>
+
+
+def metric_name(name: str) -> str:
+    """The MLflow name of a trainer metric. A loss term ``attention_scores[1<-2]:attention_mse``
+    becomes ``loss/attention_scores/s1_t2/attention_mse`` (student layer 1 against teacher layer
+    2): MLflow allows none of ``[<]``, and its charts group metrics by their ``/`` prefixes."""
+    if match := _LAYER_TERM.match(name):
+        feature, student, teacher, loss = match.groups()
+        return f"loss/{feature}/s{student}_t{teacher}/{loss}"
+    if match := _OUTPUT_TERM.match(name):
+        return f"loss/{match.group(1)}/{match.group(2)}"
+    # anything else: MLflow allows alphanumerics, _ - . space : / only
     return "".join(ch if ch.isalnum() or ch in "_-. :/" else "_" for ch in name)
 
 
@@ -111,6 +124,20 @@ def _pip_requirements() -> list[str]:
 
     return [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
             f"transformers=={transformers.__version__}", f"pandas=={pandas.__version__}"]
+
+
+def log_markdown(client: MlflowClient, run_id: str, path: Path) -> None:
+    """``path`` and, beside it, ``<stem>.html`` with its tables and images rendered: the MLflow
+    artifact viewer shows markdown as text, HTML as a page."""
+    import tempfile
+
+    from kd_core.report import markdown_html
+
+    client.log_artifact(run_id, str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / f"{path.stem}.html"
+        page.write_text(markdown_html(path))
+        client.log_artifact(run_id, str(page))
 
 
 def existing_version(client: MlflowClient, name: str, key: str):

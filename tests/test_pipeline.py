@@ -160,7 +160,12 @@ def test_mlflow_holds_parent_nested_runs_and_registered_models(first_run, kd_hom
     general = next(r for r in children if r.data.tags["kd.stage"] == "general_distill")
     history = client.get_metric_history(general.info.run_id, "loss")
     assert [m.step for m in history] == list(range(1, 65))
-    assert any(k.startswith("loss/attention_scores") for k in general.data.metrics)
+    import re
+
+    terms = [k for k in general.data.metrics if k.startswith("loss/")]
+    assert any(k.startswith("loss/attention_scores/s") for k in terms)
+    # readable: loss/<feature>[/s<student layer>_t<teacher layer>]/<loss>, no escaped brackets
+    assert all(re.fullmatch(r"loss/[a-z_]+(/s-?\d+_t-?\d+)?/[a-z_]+", k) for k in terms), terms
     evaluation = next(r for r in children if r.data.tags["kd.stage"] == "evaluate")
     assert "student_score" in evaluation.data.metrics
     (version,) = client.search_model_versions("name = 'tinybert-full-smoke-sst2-student'")
@@ -496,3 +501,15 @@ def test_the_export_stage_writes_checked_onnx_forms_and_registers_each(first_run
     runs = client.search_runs([experiment.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'", max_results=50)
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.metrics["export/onnx_int8_speedup"] == pytest.approx(frame.loc["onnx_int8", "speedup_vs_eager"], abs=1e-3)
+
+    # `kd stage export` switches the stage on by itself, recomputes the same key, and registers no
+    # second version of it
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    cli = CliRunner().invoke(app, ["stage", "export", "--profile", "smoke"])
+    assert cli.exit_code == 0, cli.output
+    assert "onnx_int8" in cli.output and artifacts(kd_home, "export") == [exported]
+    for role in ("student-onnx", "student-onnx-int8"):
+        assert len(client.search_model_versions(f"name = 'tinybert-full-smoke-sst2-{role}'")) == 1

@@ -154,6 +154,25 @@ def test_write_report_table_plots_and_summary(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
 
 
+def test_the_html_page_of_a_report_renders_its_tables_and_carries_its_images(tmp_path):
+    """MLflow's artifact viewer shows .md as text; report.html is what it renders."""
+    import base64
+    import re
+
+    from kd_core.report import markdown_html
+
+    write_report(tmp_path, "smoke: sst2", METRICS, _benchmark(), HISTORIES, CELLS)
+    page = markdown_html(tmp_path / "report.md")
+    markdown_tables = len(re.findall(r"^\|(?:---\|)+$", (tmp_path / "report.md").read_text(), flags=re.M))
+    assert markdown_tables >= 1 and page.count("<table>") == markdown_tables
+    assert "<td>student</td><td>81.00</td>" in page.replace("\n", "")
+    images = dict(re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', page))
+    decoded = {alt: base64.b64decode(data) for data, alt in images.items()}
+    assert decoded == {"score against latency": (tmp_path / "pareto.png").read_bytes(),
+                       "loss curves": (tmp_path / "loss_curves.png").read_bytes()}
+    assert 'src="pareto.png"' not in page and "<script" not in page
+
+
 def test_report_needs_the_teacher_in_both_inputs(tmp_path):
     with pytest.raises(ReportInputError, match="no 'teacher' row"):
         write_report(tmp_path, "t", METRICS[METRICS["model"] == "student"], _benchmark(), {}, CELLS)

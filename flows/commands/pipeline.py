@@ -78,14 +78,14 @@ def register(app: typer.Typer) -> None:
         """Rerun one stage on the inputs already in the artifact store."""
         from kd_core.errors import UserError
         from flows.profiles import load_profile
-        from flows.single_stage import expand_stage_name, single_stage
+        from flows.single_stage import expand_stage_name, single_stage, stage_overrides
         from tasks.stages import dag_for
 
         from flows.console import user_facing
 
         try:
             overrides, _ = _overrides(param or [])
-            expand_stage_name(name, list(dag_for(flow_name, load_profile(profile, overrides))))
+            expand_stage_name(name, list(dag_for(flow_name, load_profile(profile, stage_overrides(name, flow_name, overrides)))))
         except (UserError, ValueError) as exc:
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2)
@@ -101,6 +101,10 @@ def print_scores(artifact: Path) -> None:
     from rich.table import Table
 
     metrics_file = artifact / "metrics.parquet"
+    if (artifact / "export.md").is_file():
+        from rich.markdown import Markdown
+
+        console.print(Markdown((artifact / "export.md").read_text()))
     if not metrics_file.is_file():
         return
     frame = pd.read_parquet(metrics_file)

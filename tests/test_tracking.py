@@ -1,0 +1,38 @@
+"""tasks.tracking: what MLflow is sent, checked without a store."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.parametrize("trainer_name, mlflow_name", [
+    ("loss/attention_scores[1<-2]:attention_mse", "loss/attention_scores/s1_t2/attention_mse"),
+    ("loss/hidden[0<-0]:hidden_mse", "loss/hidden/s0_t0/hidden_mse"),
+    ("loss/value[4<--1]:value_relation_kl", "loss/value/s4_t-1/value_relation_kl"),
+    ("loss/logits:soft_cross_entropy", "loss/logits/soft_cross_entropy"),
+    ("loss/embeddings:hidden_mse", "loss/embeddings/hidden_mse"),
+    ("loss", "loss"),
+    ("lr", "lr"),
+    ("odd[name]", "odd_name_"),  # not a loss term: only the characters MLflow refuses are replaced
+])
+def test_loss_terms_get_readable_mlflow_names(trainer_name, mlflow_name):
+    from tasks.tracking import metric_name
+
+    assert metric_name(trainer_name) == mlflow_name
+
+
+def test_declared_match_terms_get_readable_names():
+    """Match terms as the objective names them map to loss/<feature>[/s<i>_t<j>]/<loss>."""
+    import re
+
+    from kd_core.config import MatchSpec
+    from kd_core.train.objective import term_name
+    from tasks.tracking import metric_name
+
+    specs = [MatchSpec(feature="attention_scores", loss="attention_mse", student_layer=2, teacher_layer=6),
+             MatchSpec(feature="hidden", loss="hidden_mse", student_layer=0, teacher_layer=0),
+             MatchSpec(feature="logits", loss="soft_cross_entropy")]
+    names = [metric_name(f"loss/{term_name(spec)}") for spec in specs]
+    assert names == ["loss/attention_scores/s2_t6/attention_mse", "loss/hidden/s0_t0/hidden_mse",
+                     "loss/logits/soft_cross_entropy"]
+    assert all(re.fullmatch(r"loss/[a-z_]+(/s-?\d+_t-?\d+)?/[a-z_]+", n) for n in names)
