@@ -88,13 +88,25 @@ def _untrained(out: Path, reason: str) -> dict:
 
 
 # ---- corpus and general distillation ------------------------------------------------------------
-def prepare_corpus(cfg: PipelineConfig, out: Path) -> dict:
+def progress_of(callbacks: Sequence[TrainerCallback]):
+    """One ``(done, total, unit)`` function for the callbacks that take progress events."""
+    takers = [cb.on_progress for cb in callbacks if hasattr(cb, "on_progress")]
+
+    def report(done: int, total: int, unit: str) -> None:
+        for on_progress in takers:
+            on_progress(done, total, unit)
+
+    return report
+
+
+def prepare_corpus(cfg: PipelineConfig, out: Path, callbacks: Sequence[TrainerCallback] = ()) -> dict:
     from kd_core.data.corpus import prepare_corpus as write_shards
 
     tokenizer = load_tokenizer(cfg.teacher)
     source = _under(data_root(cfg), cfg.corpus.path)
     manifest = write_shards(
-        source, tokenizer, out / CORPUS_SUBDIR, cfg.corpus.max_seq_length, max_blocks=cfg.corpus.max_blocks, progress=False
+        source, tokenizer, out / CORPUS_SUBDIR, cfg.corpus.max_seq_length, max_blocks=cfg.corpus.max_blocks, progress=False,
+        on_progress=progress_of(callbacks),
     )
     return {k: v for k, v in manifest.items() if isinstance(v, (int, float, str))}
 
@@ -295,11 +307,12 @@ def finetune_student(
                             teacher_dir, student_dir, task_dir, out, work, callbacks)
 
 
-def augment(cfg: PipelineConfig, task_dir: Path, out: Path) -> dict:
+def augment(cfg: PipelineConfig, task_dir: Path, out: Path, callbacks: Sequence[TrainerCallback] = ()) -> dict:
     from kd_core.augment import augment_frame, write_augmented
     from kd_core.data.tasks import get_task
 
     section = cfg.augment
+    report = progress_of(callbacks)
     rows = _read_rows(task_dir / "train.parquet")
     if not section.enabled:
         shutil.copyfile(task_dir / "train.parquet", out / "train.parquet")
@@ -312,6 +325,7 @@ def augment(cfg: PipelineConfig, task_dir: Path, out: Path) -> dict:
         mlm=section.mlm,
         vectors=section.vectors,
         seed=section.seed,
+        progress=lambda done, total: report(done, total, "rows"),
     )
     # The file keeps the augmentation manifest, minus its timing: equal inputs must give equal bytes,
     # or a recomputed artifact would change every descendant's cache key.

@@ -69,7 +69,8 @@ def _record_failure(ctx: "RunContext", name: str, exc: BaseException) -> None:
 class StageProgress:
     """Trainer callback: progress where the user looks. A console/flow-run log line every
     ``every_s`` seconds (step/total, loss, seq/s, ETA), and a Prefect progress artifact on the
-    task run, updated at most every ``artifact_s`` seconds."""
+    task run, updated at most every ``artifact_s`` seconds. Stages that do not train report
+    ``on_progress(done, total, unit)`` (augmented rows, corpus blocks) the same way."""
 
     def __init__(self, stage: str, logger, every_s: float = 15.0, artifact_s: float = 3.0):
         self.stage, self.logger, self.every_s, self.artifact_s = stage, logger, every_s, artifact_s
@@ -89,6 +90,33 @@ class StageProgress:
                 100.0 * first_step / max(1, last_step), description=f"{self.stage}: step {first_step}/{last_step}")
         except Exception as exc:  # noqa: BLE001 - progress must never fail a training stage
             self.logger.debug("%s: no progress artifact (%s)", self.stage, exc)
+
+    def on_progress(self, done: int, total: int, unit: str) -> None:
+        import time
+
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        now = time.monotonic()
+        if not hasattr(self, "started"):
+            self.started = self.logged_at = self.updated_at = now
+            try:
+                self.artifact_id = create_progress_artifact(0.0, description=f"{self.stage}: 0/{total} {unit}")
+            except Exception as exc:  # noqa: BLE001 - progress must never fail a stage
+                self.logger.debug("%s: no progress artifact (%s)", self.stage, exc)
+        rate = done / max(now - self.started, 1e-9)
+        amount = (f"{done / 2**20:.1f}/{total / 2**20:.1f} MiB  {rate / 2**20:.2f} MiB/s" if unit == "bytes"
+                  else f"{done}/{total} {unit}  {rate:.1f} {unit}/s")
+        line = f"{amount}  ETA {_duration((total - done) / max(rate, 1e-9))}"
+        if now - self.logged_at >= self.every_s or done >= total:
+            self.logger.info("%s: %s", self.stage, line)
+            self.logged_at = now
+        if self.artifact_id is not None and (now - self.updated_at >= self.artifact_s or done >= total):
+            try:
+                update_progress_artifact(self.artifact_id, min(100.0, 100.0 * done / max(1, total)),
+                                         description=f"{self.stage}: {line}")
+            except Exception as exc:  # noqa: BLE001
+                self.logger.debug("%s: progress update failed (%s)", self.stage, exc)
+            self.updated_at = now
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
         import time

@@ -83,7 +83,7 @@ PREPARE_CORPUS = StageDef(
     (),
     lambda c: {"teacher": c.teacher, "corpus": _dump(c.corpus),
                "source": source_fingerprint(core._under(core.data_root(c), c.corpus.path))},
-    lambda c, out, work, cb: core.prepare_corpus(c, out),
+    lambda c, out, work, cb: core.prepare_corpus(c, out, cb),
 )
 PREPARE_TASK = StageDef(
     "prepare_task",
@@ -298,7 +298,7 @@ def tinybert_dag(cfg: PipelineConfig) -> list[StageDef]:
             "augment",
             ("prepare_task",),
             lambda c: {"teacher": c.teacher, "augment": _dump(c.augment)},
-            lambda c, task, out, work, cb: core.augment(c, task, out),
+            lambda c, task, out, work, cb: core.augment(c, task, out, cb),
         ),
         *task_distill_steps("task_distill", "finetune_teacher", student_stage, "augment",
                             task_distill_section, core.task_distill),

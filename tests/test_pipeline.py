@@ -386,9 +386,10 @@ def test_mlflow_models_serve_answers_with_the_students_labels(first_run, kd_home
         server.wait(timeout=30)
 
 
-def test_training_stages_publish_progress_on_their_task_runs(first_run):
+def test_training_stages_publish_progress_on_their_task_runs(first_run, kd_home):
     """Issue 14.7: every training stage's task run carries a Prefect progress artifact that ends
-    at 100% with the step count and the loss."""
+    at 100% with the step count and the loss; augmentation and corpus preparation count rows and
+    blocks the same way."""
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -402,9 +403,16 @@ def test_training_stages_publish_progress_on_their_task_runs(first_run):
 
     found = {a.description.split(":")[0]: a for a in asyncio.run(fetch())}
     training = {"general_distill", "finetune_teacher", "task_distill_intermediate", "task_distill_prediction"}
-    assert set(found) == training, sorted(found)
-    for stage, artifact in found.items():
+    assert set(found) == training | {"augment", "prepare_corpus"}, sorted(found)
+    for stage in training:
+        artifact = found[stage]
         assert float(artifact.data) == 100.0 and "step 64/64" in artifact.description and "loss" in artifact.description, artifact
+    # the smoke profile: 128 training rows augmented; the corpus is cut at 256 blocks
+    assert float(found["augment"].data) == 100.0 and "augment: 128/128 rows" in found["augment"].description
+    (corpus,) = artifacts(kd_home, "prepare_corpus")
+    blocks = json.loads((corpus / "manifest.json").read_text())["result"]["num_blocks"]
+    assert float(found["prepare_corpus"].data) == 100.0
+    assert f"prepare_corpus: {blocks}/{blocks} blocks" in found["prepare_corpus"].description
 
 
 def test_the_parent_run_is_named_carries_the_headline_metrics_and_the_report_reaches_prefect(first_run, kd_home):

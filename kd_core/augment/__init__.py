@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kd_core.augment.io import AugmentResult, read_augmented, table_fingerprint, write_augmented
 from kd_core.augment.mlm import MaskedLM, MaskRequest
@@ -79,10 +79,11 @@ def augment_frame(
     nlpaug_method: str = "contextual",
     device: str | None = None,
     mlm_dtype: str = "float32",
-    progress: bool = False,
+    progress: bool | Callable[[int, int], None] = False,
     **settings: Any,
 ):
     """Augment a frame in the normalised schema; returns ``(augmented frame, manifest)``.
+    ``progress``: True for a tqdm bar, or a function called with (rows done, rows).
 
     ``settings`` are ``AugmentConfig`` fields (n_aug, p_t, k, seed, ...). ``tokenizer`` is
     accepted for callers that hold one but unused: word pieces are always those of the MLM's

@@ -207,7 +207,7 @@ class NlpaugAugmenter:
         self.stats.segments += len(texts)
         return out
 
-    def augment_frame(self, frame, progress: bool = False):
+    def augment_frame(self, frame, progress=False):
         from kd_core.augment.io import AugmentedRows, source_columns
 
         cfg = self.config
@@ -224,6 +224,8 @@ class NlpaugAugmenter:
             rows.add(text_a[r], text_b[r], labels[r], idxs[r], list(zip(copies_a[r], copies_b.get(r, [None] * cfg.n_aug))))
         out = rows.frame(frame["label"].dtype)
         self.stats.record_call(len(frame), len(rows), started)
+        if callable(progress):  # nlpaug works through the whole frame at once: done when it returns
+            progress(len(frame), len(frame))
         return out
 
     def metadata(self) -> dict[str, Any]:

@@ -33,7 +33,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -294,8 +294,11 @@ class TinyBertAugmenter:
                 out.append(sample_copies(text, slots, _seed_sequence(cfg.seed, key, 0), cfg.n_aug, cfg.p_t))
         return out
 
-    def augment_frame(self, frame, progress: bool = False):
+    def augment_frame(self, frame, progress: bool | Callable[[int, int], None] = False):
         """Augment a task split in the normalised schema (``idx, text_a, text_b, label``).
+
+        ``progress``: True for a tqdm bar, or a function called with (rows done, rows) after
+        each chunk.
 
         Returns the same columns plus ``source_idx`` (the source row's ``idx``) and ``aug_id``
         (0 for the source row when ``include_original``, then 1..N_a); ``idx`` is renumbered
@@ -306,7 +309,8 @@ class TinyBertAugmenter:
         idxs, text_a, text_b, labels = source_columns(frame)
         rows = AugmentedRows(cfg.include_original, cfg.dedupe)
         chunks = range(0, len(frame), cfg.chunk_size)
-        if progress:
+        report = progress if callable(progress) else None
+        if progress is True:
             from tqdm.auto import tqdm
 
             chunks = tqdm(chunks, desc="augment", unit="chunk")
@@ -327,6 +331,8 @@ class TinyBertAugmenter:
                         text_b[r], slots[(r, 1)], _seed_sequence(cfg.seed, idxs[r], 1), cfg.n_aug, cfg.p_t
                     )
                 rows.add(text_a[r], text_b[r], labels[r], idxs[r], list(zip(copies_a, copies_b)))
+            if report is not None:
+                report(stop, len(frame))
         out = rows.frame(frame["label"].dtype)
         self.stats.record_call(len(frame), len(rows), started)
         return out

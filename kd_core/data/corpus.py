@@ -326,6 +326,7 @@ def prepare_corpus(
     min_tokens: int = 8,
     overwrite: bool = False,
     progress: bool = True,
+    on_progress: Callable[[int, int, str], None] | None = None,
 ) -> dict:
     """Stream a text / WikiExtractor corpus into tokenised Parquet shards; return the manifest.
 
@@ -335,7 +336,9 @@ def prepare_corpus(
     ``shard_rows`` blocks, whatever the document and corpus sizes. With ``max_blocks`` the
     counts in the manifest cover the text read until the last block. Everything goes into a temporary sibling folder, ``manifest.json`` last,
     which is renamed to ``out_dir`` only when complete. ``tokenizer``: a tokenizer object, or a
-    model alias / dir for :func:`kd_core.models.registry.load_tokenizer`.
+    model alias / dir for :func:`kd_core.models.registry.load_tokenizer`. ``on_progress(done,
+    total, unit)`` is called as blocks are written: blocks of ``max_blocks`` when it is set, else
+    bytes of the corpus read.
     """
     from tqdm.auto import tqdm
 
@@ -364,14 +367,24 @@ def prepare_corpus(
                     stats["sentences"] += 1
                     yield doc_id, sentence
 
-            stream = counted(iter_sentences(path, progress=bar.update))
+            read = [0]
+
+            def advance(n: int) -> None:
+                read[0] += n
+                bar.update(n)
+
+            stream = counted(iter_sentences(path, progress=advance))
             for block in pack_sentence_stream(tokenizer, stream, max_seq_length, max_blocks, min_tokens):
                 writer.add(block["input_ids"], block["doc_id"])
                 stats["blocks"] += 1
+                if on_progress is not None:
+                    on_progress(*((stats["blocks"], max_blocks, "blocks") if max_blocks else (read[0], total_bytes, "bytes")))
                 stats["full_blocks"] += len(block["input_ids"]) == max_seq_length
                 if stats["blocks"] % 1000 == 0:
                     bar.set_postfix(blocks=stats["blocks"], refresh=False)
             writer.flush()
+            if on_progress is not None:  # done, also when the text ran out before max_blocks
+                on_progress(*((stats["blocks"], stats["blocks"], "blocks") if max_blocks else (total_bytes, total_bytes, "bytes")))
         if not stats["blocks"]:
             raise CorpusError(f"{path} yielded no token blocks (no text of at least {min_tokens} tokens)")
         manifest = {

@@ -58,7 +58,8 @@ class TrainingInterrupted(StopRequested):
 class TrainerCallback(Protocol):
     """``on_step`` after every optimizer step; ``on_train_begin(first_step, last_step,
     global_batch)``, when a callback defines it, once before the first (after a resume,
-    ``first_step`` is the checkpoint's step)."""
+    ``first_step`` is the checkpoint's step). Stages that do not train (augmentation, corpus
+    preparation) call ``on_progress(done, total, unit)`` on the callbacks that define it."""
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
 
