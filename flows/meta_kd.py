@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.profiles import ProfileName
 from flows.run import pipeline_parameters_doc, pipeline_run, summarize
 from tasks.runtime import stage_task
 from tasks.stages import dag_for
@@ -29,7 +30,7 @@ DESCRIPTION = "Meta-KD across the Amazon review domains: per-domain data, single
 
 @flow(name=FLOW_NAME, description=DESCRIPTION, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=3))
 @pipeline_parameters_doc
-def meta_kd(profile: str = "smoke", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
+def meta_kd(profile: ProfileName = "smoke", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
     with pipeline_run(FLOW_NAME, profile, overrides, force) as (ctx, cfg):
         futures = {}
         for name, stage in dag_for(FLOW_NAME, cfg).items():

@@ -8,6 +8,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.profiles import ProfileName
 from flows.run import pipeline_parameters_doc, pipeline_run, summarize
 from kd_core.stages import assistant_config
 from tasks.assistant_distill import assistant_distill
@@ -30,7 +31,7 @@ DESCRIPTION = "MiniLM / MiniLMv2 general distillation (teacher assistant when th
 
 @flow(name=FLOW_NAME, description=DESCRIPTION, log_prints=True)
 @pipeline_parameters_doc
-def minilm(profile: str = "smoke", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
+def minilm(profile: ProfileName = "smoke", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
     with pipeline_run(FLOW_NAME, profile, overrides, force) as (ctx, cfg):
         corpus = prepare_corpus.submit(ctx, cfg)
         task_data = prepare_task.submit(ctx, cfg)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow
+from pydantic import Field
 
+from flows.profiles import ProfileName
+from flows.registry import FLOW_NAMES
 from flows.run import pipeline_run
 from kd_core.artifacts import Artifact
 from kd_core.errors import UserError
@@ -15,6 +18,8 @@ from tasks.stages import dag_for, stage_matches
 
 class MissingUpstreamError(UserError, LookupError):
     pass
+
+FlowName = Annotated[str, Field(json_schema_extra={"enum": list(FLOW_NAMES)})]  # a choice in the run form
 
 
 def override_args(overrides: dict[str, Any] | None) -> str:
@@ -72,7 +77,7 @@ def expand_stage_name(name: str, stages: list[str]) -> list[str]:
 
 
 @flow(name="kd-stage", description="Rerun one stage from cached inputs (like `kd stage`).", log_prints=True)
-def single_stage(stage: str, profile: str = "smoke", overrides: dict[str, Any] | None = None, flow_name: str = "tinybert-full") -> list[str]:
+def single_stage(stage: str, profile: ProfileName = "smoke", overrides: dict[str, Any] | None = None, flow_name: FlowName = "tinybert-full") -> list[str]:
     """Run ``stage`` (both steps for task_distill) of ``flow_name`` on the inputs in the store, forced.
 
     Args:

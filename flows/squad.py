@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.profiles import ProfileName
 from flows.run import pipeline_parameters_doc, pipeline_run, summarize
 from tasks.benchmark import benchmark
 from tasks.general_distill import general_distill
@@ -29,7 +30,7 @@ DESCRIPTION = "TinyBERT on SQuAD: QA teacher, general + QA task distillation, EM
 
 @flow(name=FLOW_NAME, description=DESCRIPTION, log_prints=True)
 @pipeline_parameters_doc
-def squad_distill(profile: str = "smoke-squad", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
+def squad_distill(profile: ProfileName = "smoke-squad", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
     with pipeline_run(FLOW_NAME, profile, overrides, force) as (ctx, cfg):
         # Two independent branches: corpus -> general student, and QA data -> QA teacher.
         corpus = prepare_corpus.submit(ctx, cfg)

@@ -7,6 +7,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.profiles import ProfileName
 from flows.run import pipeline_parameters_doc, pipeline_run, summarize
 from tasks.augment import augment
 from tasks.benchmark import benchmark
@@ -30,7 +31,7 @@ DESCRIPTION = "TinyBERT end to end: general + task distillation with augmentatio
 
 @flow(name=FLOW_NAME, description=DESCRIPTION, log_prints=True)
 @pipeline_parameters_doc
-def tinybert_full(profile: str = "smoke", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
+def tinybert_full(profile: ProfileName = "smoke", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
     with pipeline_run(FLOW_NAME, profile, overrides, force) as (ctx, cfg):
         # Two independent branches run concurrently: corpus -> general distillation, and
         # task data -> teacher fine-tuning / augmentation. With student.prune.source=finetuned the

@@ -112,5 +112,12 @@ def test_every_deployment_form_describes_its_flow_and_parameters():
         properties = parameter_schema(flow).model_dump()["properties"]
         for parameter, spec in properties.items():
             assert len(spec.get("description", "")) > 20, (name, parameter)
+        # the run form offers the profiles as a choice
+        assert properties["profile"]["enum"] == available_profiles(), name
         if name != "kd-stage":
             assert all(profile in properties["profile"]["description"] for profile in available_profiles()), name
+    from flows.registry import FLOW_NAMES
+
+    assert parameter_schema(single_stage).model_dump()["properties"]["flow_name"]["enum"] == list(FLOW_NAMES)
+    # in-process, `kd run --profile my.yaml` still passes a path: the choice is the form's, not a validator
+    assert single_stage.validate_parameters({"stage": "evaluate", "profile": "a/b.yaml"})["profile"] == "a/b.yaml"
