@@ -49,7 +49,10 @@ def prefect_flow_run_url(flow_run_id: str | None) -> str | None:
 
     from prefect.settings import PREFECT_UI_URL
 
-    if not flow_run_id or not os.environ.get("PREFECT_API_URL"):
+    from flows.ephemeral import EPHEMERAL_MARK
+
+    # `kd run`'s own ephemeral server serves no UI (flows.ephemeral)
+    if not flow_run_id or not os.environ.get("PREFECT_API_URL") or os.environ.get(EPHEMERAL_MARK):
         return None
     ui = PREFECT_UI_URL.value()
     return f"{ui.rstrip('/')}/runs/flow-run/{flow_run_id}" if ui else None
@@ -63,9 +66,17 @@ def mlflow_run_url(experiment_id: str, run_id: str) -> str | None:
 
 @contextmanager
 def pipeline_run(flow_name: str, profile: str, overrides: dict[str, Any] | None, force: list[str] | None):
-    from transformers.utils import logging as hf_logging
+    import os
+    import sys
 
-    hf_logging.disable_progress_bar()  # per-load weight bars would flood the flow-run logs
+    # per-load weight bars would flood the flow-run logs; a cached run never imports transformers,
+    # which reads this variable when it is first imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    else:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     STOP_REQUESTED.clear()  # a stop asked of an earlier run in this process is not this run's
     cfg = load_profile(profile, overrides, force)
     experiment_id = setup_tracking()

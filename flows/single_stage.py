@@ -57,10 +57,8 @@ def resolve_inputs(ctx: RunContext, cfg, name: str, overrides: dict[str, Any] | 
 
 def stage_overrides(stage: str, flow_name: str, overrides: dict[str, Any] | None) -> dict[str, Any] | None:
     """``kd stage export`` switches the export on: no stage's key, the export's included, depends
-    on ``export.enabled``."""
-    from tasks.stages import EXPORTING_FLOWS
-
-    if stage == "export" and flow_name in EXPORTING_FLOWS:
+    on ``export.enabled`` (a flow without an export stage then says so, naming the key)."""
+    if stage == "export":
         return {**(overrides or {}), "export.enabled": True}
     return overrides
 

@@ -32,7 +32,7 @@ FEATURES = (
 
 
 def _known_recipe(value: str | None) -> str | None:
-    from kd_core.train.objective import RECIPES  # late: the recipes module imports this one
+    from kd_core.train.recipes import RECIPES  # late: the recipes module imports this one
 
     if value is not None and value not in RECIPES:
         raise ValueError(f"unknown recipe {value!r}; choose one of {', '.join(sorted(RECIPES))}")

@@ -15,19 +15,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
-import torch
 
 from kd_core.config import FinetuneSection, GeneralDistillSection, LayerMapping, PipelineConfig, StudentConfig, TrainConfig
 from kd_core.data.features import encode_examples
 from kd_core.data.tasks import default_data_dir
-from kd_core.models.adaptors import ModelAdaptor
-from kd_core.models.registry import load_model, load_tokenizer
-from kd_core.models.student import build_student, init_layers_of, init_projections_from_channels
-from kd_core.train.objective import ModelShape, Objective, expand_recipe
-from kd_core.train.trainer import DistillTrainer, TrainerCallback, TrainResult
 from kd_core.errors import UserError
+from kd_core.models.registry import load_model, load_tokenizer
+from kd_core.train.recipes import ModelShape, expand_recipe
+
+# torch, transformers' models and the trainer load inside the stage functions that compute: a run
+# whose every stage is cached (keys, sections, lookups) never imports them (about 4 s)
+if TYPE_CHECKING:
+    from kd_core.train.objective import Objective
+    from kd_core.train.trainer import DistillTrainer, TrainerCallback, TrainResult
 
 MODEL_SUBDIR = "model"
 CORPUS_SUBDIR = "corpus"  # the shards keep their own manifest; the store's sits one level up
@@ -53,6 +57,8 @@ def _under(root: Path, path: str) -> Path:
 
 
 def shape_of(model) -> ModelShape:
+    from kd_core.models.adaptors import ModelAdaptor
+
     with ModelAdaptor(model) as adaptor:
         return ModelShape(adaptor.num_layers, adaptor.hidden_size, adaptor.num_heads)
 
@@ -121,6 +127,11 @@ def distill_on_corpus(
     callbacks: Sequence[TrainerCallback] = (),
 ) -> dict:
     """General (task-agnostic) distillation of a student from any teacher on corpus blocks."""
+    import torch
+
+    from kd_core.models.student import build_student, init_layers_of, init_projections_from_channels
+    from kd_core.train.objective import Objective
+    from kd_core.train.trainer import DistillTrainer
     from kd_core.data.corpus import load_corpus_blocks
 
     tokenizer = load_tokenizer(teacher_source)
@@ -265,6 +276,10 @@ def finetune(
     callbacks: Sequence[TrainerCallback] = (),
 ) -> dict:
     """Supervised fine-tuning on the task's train rows (the trainer with a hard-label objective)."""
+    import torch
+
+    from kd_core.train.objective import Objective
+    from kd_core.train.trainer import DistillTrainer
     from kd_core.data.tasks import get_task
 
     spec = get_task(cfg.task.name)
@@ -337,6 +352,7 @@ def augment(cfg: PipelineConfig, task_dir: Path, out: Path, callbacks: Sequence[
 def prune_finetuned(cfg: PipelineConfig, teacher_dir: Path, task_dir: Path, out: Path) -> dict:
     """The student cut out of the fine-tuned teacher, head included, by importance on task train
     rows (CoFi / Extract-Then-Distill style: task distillation follows, without general distillation)."""
+    from kd_core.models.student import build_student, init_layers_of
     from kd_core.data.tasks import get_task
 
     spec = get_task(cfg.task.name)
@@ -426,6 +442,11 @@ def _distill_on_task(
     callbacks: Sequence[TrainerCallback],
 ) -> dict:
     """Distil a fine-tuned teacher's task model into the student with ``recipe``'s matches."""
+    import torch
+
+    from kd_core.models.student import init_layers_of, init_projections_from_channels
+    from kd_core.train.objective import Objective
+    from kd_core.train.trainer import DistillTrainer
     from kd_core.data.tasks import get_task
 
     spec = get_task(cfg.task.name)

@@ -16,6 +16,15 @@ class StopRequested(RuntimeError):
     """Work ended early because STOP_REQUESTED was set."""
 
 
+class TrainingInterrupted(StopRequested):
+    """A stop was requested: the trainer checkpointed at ``step``, and a rerun resumes there."""
+
+    def __init__(self, step: int, checkpoint):
+        super().__init__(f"stopped at step {step} on request; checkpoint {checkpoint}; rerun the same command to resume")
+        self.step = step
+        self.checkpoint = checkpoint
+
+
 def check_stop(where: str) -> None:
     if STOP_REQUESTED.is_set():
         raise StopRequested(f"{where} stopped on request; rerun the same command to continue")

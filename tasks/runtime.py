@@ -22,7 +22,7 @@ from prefect.states import Completed
 from kd_core.artifacts import Artifact, ArtifactStore
 from kd_core.config import PipelineConfig
 from kd_core.stop import STOP_REQUESTED, StopRequested, check_stop, stoppable
-from kd_core.train.trainer import TrainingInterrupted
+from kd_core.stop import TrainingInterrupted
 from tasks.stages import dag_for, stage_matches
 from tasks.tracking import StepMetricsLogger, annotate_versions, flatten, log_markdown, register_model_dir, register_onnx, setup_tracking
 

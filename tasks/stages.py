@@ -211,7 +211,7 @@ def check_mappings(cfg: PipelineConfig, sections: tuple[str, ...]) -> None:
     """Each named section's layer mapping fits the student and teacher depths (``student_init``
     mappings are known only once the student is built, and are checked then)."""
     from kd_core.config import ConfigError
-    from kd_core.train.objective import MappingError, map_layers
+    from kd_core.train.recipes import MappingError, map_layers
 
     for name in sections:
         mapping = getattr(cfg, name).mapping
@@ -225,11 +225,10 @@ def check_mappings(cfg: PipelineConfig, sections: tuple[str, ...]) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _teacher_layers(teacher: str) -> int:
-    from transformers import AutoConfig
+    from kd_core.models.registry import model_config_dict
 
-    from kd_core.models.registry import resolve_model
-
-    return AutoConfig.from_pretrained(resolve_model(teacher)).num_hidden_layers
+    config = model_config_dict(teacher)
+    return int(config.get("num_hidden_layers", config.get("n_layers")))
 
 
 def check_task(cfg: PipelineConfig) -> None:

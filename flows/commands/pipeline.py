@@ -24,6 +24,14 @@ def _overrides(pairs: list[str]) -> tuple[dict, list[str] | None]:
     return overrides, force
 
 
+def warm_tracking_store() -> None:
+    """Open the MLflow store (schema check, experiment) now: MLflow keeps it per URI, so the flow's
+    own setup_tracking later costs nothing."""
+    from tasks.tracking import setup_tracking
+
+    setup_tracking()
+
+
 def register(app: typer.Typer) -> None:
     from flows.profiles import available_profiles
     from flows.registry import FLOW_NAMES, STAGE_NAMES
@@ -49,22 +57,31 @@ def register(app: typer.Typer) -> None:
         from flows.profiles import load_profile
         from flows.registry import FLOW_NAMES, get_flow
 
+        from flows.ephemeral import start_early
+
+        server = None
         try:
             overrides, force = _overrides(param or [])
             cfg = load_profile(profile, overrides, force)  # -p typos: pydantic only, no torch, no Prefect
             if flow_name not in FLOW_NAMES:
                 raise UserError(f"unknown flow {flow_name!r}; flows: {', '.join(FLOW_NAMES)}")
+            server = start_early()  # boots while torch, transformers and MLflow import
             from tasks.stages import dag_for
 
-            # the stage graph checks names, the teacher, the task data: still before Prefect starts
+            # the stage graph checks names, the teacher, the task data: before any flow run exists
             dag_for(flow_name, cfg)
             flow_fn = get_flow(flow_name)
         except (UserError, ValueError) as exc:
+            if server is not None:
+                server.stop()
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2)
         from flows.console import user_facing
 
         with user_facing("run"):
+            if server is not None:
+                warm_tracking_store()  # while the server still boots
+                server.wait_ready()
             result = flow_fn(profile=profile, overrides=overrides, force=force)
         console.print(f"report: {result['report']}")
 
@@ -77,19 +94,29 @@ def register(app: typer.Typer) -> None:
     ):
         """Rerun one stage on the inputs already in the artifact store."""
         from kd_core.errors import UserError
+        from flows.ephemeral import start_early
         from flows.profiles import load_profile
-        from flows.single_stage import expand_stage_name, single_stage, stage_overrides
-        from tasks.stages import dag_for
 
-        from flows.console import user_facing
-
+        server = None
         try:
             overrides, _ = _overrides(param or [])
+            load_profile(profile, overrides)  # -p typos: pydantic only, no torch, no Prefect
+            server = start_early()  # boots while torch, transformers and MLflow import
+            from flows.single_stage import expand_stage_name, single_stage, stage_overrides
+            from tasks.stages import dag_for
+
             expand_stage_name(name, list(dag_for(flow_name, load_profile(profile, stage_overrides(name, flow_name, overrides)))))
         except (UserError, ValueError) as exc:
+            if server is not None:
+                server.stop()
             console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(2)
+        from flows.console import user_facing
+
         with user_facing("stage"):
+            if server is not None:
+                warm_tracking_store()  # while the server still boots
+                server.wait_ready()
             written = single_stage(stage=name, profile=profile, overrides=overrides, flow_name=flow_name)
         for path in written:
             print_scores(Path(path))

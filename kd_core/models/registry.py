@@ -176,6 +176,20 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def model_config_dict(name: str | Path) -> dict:
+    """A model's config as a dict: its config.json when it is a local dir (no transformers, no
+    torch: graph checks of a cached run stay light), else transformers' AutoConfig."""
+    import json
+
+    source = resolve_model(name)
+    config_file = Path(source) / "config.json"
+    if config_file.is_file():
+        return json.loads(config_file.read_text())
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(source).to_dict()
+
+
 def resolve_model(name: str | Path) -> str:
     """A local directory path or a hub id for ``name``."""
     name = str(name)

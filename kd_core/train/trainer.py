@@ -32,7 +32,7 @@ from kd_core.models.adaptors import ModelAdaptor
 from kd_core.train.data import DataPosition, GlobalBatchPlan, pad_batch
 from kd_core.train.objective import Objective
 from kd_core.errors import UserError
-from kd_core.stop import STOP_REQUESTED, StopRequested, stoppable
+from kd_core.stop import STOP_REQUESTED, StopRequested, TrainingInterrupted, stoppable  # noqa: F401 - re-exported
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
@@ -44,15 +44,6 @@ class NonFiniteLossError(UserError, RuntimeError):
 class CheckpointMismatchError(UserError, RuntimeError):
     pass
 
-
-
-class TrainingInterrupted(StopRequested):
-    """A stop was requested: the trainer checkpointed at ``step``, and a rerun resumes there."""
-
-    def __init__(self, step: int, checkpoint: Path):
-        super().__init__(f"stopped at step {step} on request; checkpoint {checkpoint}; rerun the same command to resume")
-        self.step = step
-        self.checkpoint = checkpoint
 
 
 class TrainerCallback(Protocol):
