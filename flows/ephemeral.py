@@ -108,8 +108,9 @@ class EphemeralServer:
 
 def start_early() -> EphemeralServer | None:
     """Spawn the server unless a Prefect API is configured (or Prefect is already imported, whose
-    settings could no longer see it). Returns it, or None when Prefect's own handling applies."""
-    if configured_api_url() or "prefect" in sys.modules:
+    settings could no longer see it, or KD_PREFECT_EARLY_SERVER=0 asks for Prefect's own
+    ephemeral server). Returns it, or None when Prefect's own handling applies."""
+    if configured_api_url() or "prefect" in sys.modules or os.environ.get("KD_PREFECT_EARLY_SERVER") == "0":
         return None
     server = EphemeralServer()
     server.start()
