@@ -24,7 +24,16 @@ from kd_core.config import PipelineConfig
 from kd_core.stop import STOP_REQUESTED, StopRequested, check_stop, stoppable
 from kd_core.stop import TrainingInterrupted
 from tasks.stages import dag_for, stage_matches
-from tasks.tracking import StepMetricsLogger, annotate_versions, flatten, log_markdown, register_model_dir, register_onnx, setup_tracking
+from tasks.tracking import (
+    StepMetricsLogger,
+    annotate_versions,
+    existing_version,
+    flatten,
+    log_markdown,
+    register_model_dir,
+    register_onnx,
+    setup_tracking,
+)
 
 SMALL_OUTPUTS = (".json", ".md", ".png", ".parquet")
 
@@ -255,6 +264,8 @@ def run_stage(ctx: RunContext, cfg: PipelineConfig, name: str, *inputs: Artifact
             logger.warning("%s: recomputing, %s", name, problem)
         if artifact is not None:
             logger.info("%s: cached %s", name, artifact.path)
+            if stage.register_as or stage.registers_onnx:
+                register_outputs(ctx, cfg, stage, name, key, artifact, logger, run_id=None)
             return Completed(data=artifact, name="Cached", message=f"{name} cached at {artifact.path}")
         return None
 
@@ -329,26 +340,7 @@ def _compute_stage(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: 
                 log_markdown(client, run_id, path)
             elif path.is_file() and path.suffix in SMALL_OUTPUTS:
                 client.log_artifact(run_id, str(path))
-        if stage.register_as:
-            registry_name = stage.registry_name(ctx.flow_name, cfg)
-            version_tags = {"kd.key": key, "kd.role": stage.register_as, "kd.stage": name, "kd.flow": ctx.flow_name, "kd.profile": cfg.profile,
-                            "kd.task": stage.task_of(cfg), "kd.artifact": str(artifact.path / "model")}
-            description = (f"{name} of {ctx.flow_name} ({cfg.profile} profile), stage key {key}. "
-                           f"from_pretrained dir: {artifact.path / 'model'}")
-            version, new = register_model_dir(run_id, artifact.path / "model", registry_name, version_tags,
-                                              pair_task=_is_pair_task(stage.task_of(cfg)), description=description)
-            logger.info("%s: %s %s version %s", name, "registered" if new else "already registered as", registry_name, version)
-        if stage.registers_onnx:
-            for form_dir in sorted(p.parent for p in artifact.path.glob("*/model.onnx")):
-                role = f"student-{form_dir.name.replace('_', '-')}"
-                registry_name = stage.registry_name(ctx.flow_name, cfg, role)
-                version_tags = {"kd.key": key, "kd.role": role, "kd.stage": name, "kd.flow": ctx.flow_name,
-                                "kd.profile": cfg.profile, "kd.task": stage.task_of(cfg), "kd.artifact": str(form_dir)}
-                version, new = register_onnx(run_id, form_dir, registry_name, version_tags, description=(
-                    f"{form_dir.name} export of the {ctx.flow_name} student ({cfg.profile} profile), stage key {key}. "
-                    f"ONNX graph and tokenizer: {form_dir}"))
-                logger.info("%s: %s %s version %s", name, "registered" if new else "already registered as",
-                            registry_name, version)
+        register_outputs(ctx, cfg, stage, name, key, artifact, logger, run_id)
         if stage.annotates_registry:
             import pandas as pd
 
@@ -362,6 +354,50 @@ def _compute_stage(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: 
         raise
     logger.info("%s: wrote %s", name, artifact.path)
     return artifact
+
+
+def register_outputs(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: str, artifact: Artifact, logger,
+                     run_id: str | None) -> None:
+    """Register the stage's models (its ``model`` dir, or each exported ``<form>/model.onnx``) as
+    versions tagged with the stage key. ``run_id=None``: the artifact came from the cache, and
+    only models that have no version for this key are registered, under a new run of the stage.
+    That happens when the registration of an earlier run failed after its artifact was written:
+    the model is still registered, once."""
+    tags = {"kd.key": key, "kd.stage": name, "kd.flow": ctx.flow_name, "kd.profile": cfg.profile, "kd.task": stage.task_of(cfg)}
+    wanted = []  # (registry name, register(run_id) -> (version, new))
+    if stage.register_as:
+        model_dir = artifact.path / "model"
+        description = f"{name} of {ctx.flow_name} ({cfg.profile} profile), stage key {key}. from_pretrained dir: {model_dir}"
+        registry_name = stage.registry_name(ctx.flow_name, cfg)
+        version_tags = {**tags, "kd.role": stage.register_as, "kd.artifact": str(model_dir)}
+        wanted.append((registry_name, lambda run, n=registry_name, t=version_tags, d=description: register_model_dir(
+            run, model_dir, n, t, pair_task=_is_pair_task(stage.task_of(cfg)), description=d)))
+    if stage.registers_onnx:
+        for form_dir in sorted(p.parent for p in artifact.path.glob("*/model.onnx")):
+            role = f"student-{form_dir.name.replace('_', '-')}"
+            registry_name = stage.registry_name(ctx.flow_name, cfg, role)
+            version_tags = {**tags, "kd.role": role, "kd.artifact": str(form_dir)}
+            description = (f"{form_dir.name} export of the {ctx.flow_name} student ({cfg.profile} profile), stage key {key}. "
+                           f"ONNX graph and tokenizer: {form_dir}")
+            wanted.append((registry_name, lambda run, f=form_dir, n=registry_name, t=version_tags, d=description:
+                           register_onnx(run, f, n, t, description=d)))
+    own_run = run_id is None
+    if own_run:
+        client = MlflowClient()
+        wanted = [(n, register) for n, register in wanted if existing_version(client, n, key) is None]
+        if not wanted:
+            return
+        logger.warning("%s: cached, but %s has no version for key %s (an earlier registration did not finish); "
+                       "registering it now", name, ", ".join(n for n, _ in wanted), key)
+        run_tags = {**tags, "kd.registers_cached": "true", **process_tags()}
+        if ctx.parent_run_id:
+            run_tags["mlflow.parentRunId"] = ctx.parent_run_id
+        run_id = client.create_run(setup_tracking(), run_name=f"{name}:register", tags=run_tags).info.run_id
+    for registry_name, register in wanted:
+        version, new = register(run_id)
+        logger.info("%s: %s %s version %s", name, "registered" if new else "already registered as", registry_name, version)
+    if own_run:
+        client.set_terminated(run_id, "FINISHED")
 
 
 def stage_task(name: str):

@@ -25,6 +25,10 @@ def tracking_uri() -> str:
 def setup_tracking() -> str:
     """Point MLflow at the store and return the experiment id (artifacts under $KD_HOME)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # log_model's env-var recording patches os.environ's class for the whole process and iterates
+    # the names it saw: a stage thread reading the environment meanwhile fails the registration
+    # with "Set changed size during iteration" (seen on a served run: export beside report)
+    os.environ.setdefault("MLFLOW_RECORD_ENV_VARS_IN_MODEL_LOGGING", "false")
     # threads of one run share _setup_lock; two runs creating one sqlite store at once raced
     # in MLflow's schema migration ("No such index ..."), so processes take a file lock too
     with _setup_lock, _store_lock():

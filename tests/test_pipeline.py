@@ -510,6 +510,16 @@ def test_the_export_stage_writes_checked_onnx_forms_and_registers_each(first_run
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.metrics["export/onnx_int8_speedup"] == pytest.approx(frame.loc["onnx_int8", "speedup_vs_eager"], abs=1e-3)
 
+    # a registration that failed after its artifact was written (seen on a served run) is made
+    # up for by the next run that finds the artifact cached: one version for the key again
+    (lost,) = client.search_model_versions("name = 'tinybert-full-smoke-sst2-student-onnx-int8'")
+    client.delete_model_version(lost.name, lost.version)
+    _, _, again = run_flow(overrides={"export.enabled": True})
+    assert stage_states(again)["export"] == "Cached"
+    (restored,) = client.search_model_versions("name = 'tinybert-full-smoke-sst2-student-onnx-int8'")
+    assert restored.tags["kd.key"] == exported.name and int(restored.version) > int(lost.version)
+    assert client.get_run(restored.run_id).info.run_name == "export:register"
+
     # `kd stage export` switches the stage on by itself, recomputes the same key, and registers no
     # second version of it
     from typer.testing import CliRunner

@@ -36,3 +36,23 @@ def test_declared_match_terms_get_readable_names():
     assert names == ["loss/attention_scores/s2_t6/attention_mse", "loss/hidden/s0_t0/hidden_mse",
                      "loss/logits/soft_cross_entropy"]
     assert all(re.fullmatch(r"loss/[a-z_]+(/s-?\d+_t-?\d+)?/[a-z_]+", n) for n in names)
+
+
+def test_model_logging_leaves_os_environ_alone(tmp_path, monkeypatch):
+    """MLflow's env-var recording patches os.environ's class for the whole process while a model
+    is logged: a stage thread reading the environment meanwhile broke a served run's export."""
+    import os
+
+    from mlflow.utils.model_utils import env_var_tracker
+
+    from tasks.tracking import setup_tracking
+
+    monkeypatch.setenv("KD_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_RECORD_ENV_VARS_IN_MODEL_LOGGING", raising=False)
+    setup_tracking()
+    before = (os._Environ.get, os._Environ.__getitem__)
+    with env_var_tracker() as names:
+        assert (os._Environ.get, os._Environ.__getitem__) == before
+        os.environ.get("HOME")
+    assert names == set()
