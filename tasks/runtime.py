@@ -82,8 +82,11 @@ class StageProgress:
     ``on_progress(done, total, unit)`` (augmented rows, corpus blocks) the same way."""
 
     def __init__(self, stage: str, logger, every_s: float = 15.0, artifact_s: float = 3.0):
+        import time
+
         self.stage, self.logger, self.every_s, self.artifact_s = stage, logger, every_s, artifact_s
         self.artifact_id = None
+        self.created = time.monotonic()  # a rate needs the stage's start, not its first report
 
     def on_train_begin(self, first_step: int, last_step: int, global_batch: int) -> None:
         import time
@@ -107,7 +110,7 @@ class StageProgress:
 
         now = time.monotonic()
         if not hasattr(self, "started"):
-            self.started = self.logged_at = self.updated_at = now
+            self.started, self.logged_at, self.updated_at = self.created, now, now
             try:
                 self.artifact_id = create_progress_artifact(0.0, description=f"{self.stage}: 0/{total} {unit}")
             except Exception as exc:  # noqa: BLE001 - progress must never fail a stage

@@ -56,3 +56,27 @@ def test_model_logging_leaves_os_environ_alone(tmp_path, monkeypatch):
         assert (os._Environ.get, os._Environ.__getitem__) == before
         os.environ.get("HOME")
     assert names == set()
+
+
+def test_progress_of_a_stage_that_does_not_train_counts_from_the_stage_start(monkeypatch):
+    """The rate is done / seconds since the stage began: a stage that reports once, at its end,
+    gets its real rate (it printed 1.3e11 rows/s when the clock started at that report)."""
+    import time
+
+    from tasks.runtime import StageProgress
+
+    monkeypatch.setattr("prefect.artifacts.create_progress_artifact", lambda *args, **kwargs: None)  # no flow run here
+    clock = iter([100.0, 104.0, 108.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    lines = []
+
+    class Logger:
+        def info(self, fmt, *args):
+            lines.append(fmt % args)
+
+        debug = info
+
+    progress = StageProgress("augment", Logger(), every_s=15.0)  # t=100
+    progress.on_progress(8, 16, "rows")  # t=104: 2 rows/s, 8 left -> 4 s; not yet logged (every 15 s)
+    progress.on_progress(16, 16, "rows")  # t=108: done, always logged
+    assert lines[-1] == "augment: 16/16 rows  2.0 rows/s  ETA 0m00s"
