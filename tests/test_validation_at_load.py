@@ -178,3 +178,14 @@ def test_a_p_key_typo_fails_in_under_two_seconds(tmp_path, kd_data_dir):
     code, seconds, torch_loaded, prefect_loaded = result.stdout.split("EXIT ")[1].split()
     assert code == "2" and torch_loaded == "False" and prefect_loaded == "False", result.stdout
     assert float(seconds) < 2.0, seconds
+
+
+def test_the_export_switch_adds_the_stage_where_a_flow_has_one_and_fails_where_it_has_none(data_env):
+    from kd_core.config import ConfigError
+
+    for flow, student in (("tinybert-full", "task_distill_prediction"), ("minilm", "finetune_student")):
+        assert "export" not in _dag(flow=flow)
+        export = _dag({"export.enabled": True}, flow=flow)["export"]
+        assert export.inputs == (student, "prepare_task") and export.registers_onnx and not export.trains
+    with pytest.raises(ConfigError, match="export.enabled: squad-distill has no export stage"):
+        _dag({"export.enabled": True}, flow="squad-distill")
