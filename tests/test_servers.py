@@ -249,8 +249,23 @@ def test_deployment_run_completes_and_mlflow_has_the_runs(stack):
 
     # the report reached the parent run's artifacts, served by the MLflow server
     listing = kd_stack.http_json(f"{tracking}/api/2.0/mlflow/artifacts/list?" + urllib.parse.urlencode({"run_id": parent["info"]["run_id"]}))
-    assert "report.md" in {f["path"] for f in listing.get("files", [])}
+    assert {"report.md", "report.html"} <= {f["path"] for f in listing.get("files", [])}
     assert list((stack["home"] / "mlartifacts").rglob("report.md")), "artifacts land under $KD_HOME/mlartifacts"
+
+    # the served flow run carries its report, the link to its MLflow parent run and the training
+    # stages' progress, as Prefect artifacts
+    found = kd_stack.http_json(f"{api}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}},
+                               auth=stack["auth"])
+    by_key = {a["key"]: a for a in found if a.get("key")}
+    assert "| student |" in by_key["kd-report"]["data"]
+    assert parent["info"]["run_id"] in by_key["kd-mlflow-run"]["data"]
+    progress = [a for a in found if a["type"] == "progress"]
+    assert {a["description"].split(":")[0] for a in progress} >= {"general_distill", "task_distill_prediction", "augment"}
+    assert all(float(a["data"]) == 100.0 for a in progress), progress
+    # the run form's profile is a choice the server enforces
+    rejected = subprocess.run([kd_stack.tool("prefect"), "deployment", "run", f"{FLOW}/default", "-p", "profile=no-such-profile"],
+                              cwd=REPO, capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+    assert rejected.returncode != 0 and "is not one of" in rejected.stdout + rejected.stderr
 
     # the student is registered, its version linked to the task-distillation run
     name = f"{FLOW}-smoke-sst2-student"
