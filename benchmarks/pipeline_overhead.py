@@ -33,7 +33,7 @@ import kd_core.data.corpus  # noqa: E402,F401
 import kd_core.data.loaders  # noqa: E402,F401
 import kd_core.data.tasks  # noqa: E402,F401
 import kd_core.evaluate.glue  # noqa: E402,F401
-import kd_core.stages  # noqa: E402,F401
+import kd_core.stages.glue  # noqa: E402,F401
 import tasks.stages  # noqa: E402,F401
 
 
@@ -41,6 +41,7 @@ def run_direct(profile: str) -> tuple[float, dict[str, float]]:
     from flows.profiles import load_profile
     from kd_core.artifacts import ArtifactStore
     from kd_core.models.registry import kd_home
+    from kd_core.stages.common import StageIO
     from tasks.stages import dag_for
 
     cfg = load_profile(profile)
@@ -48,13 +49,11 @@ def run_direct(profile: str) -> tuple[float, dict[str, float]]:
     done, seconds = {}, {}
     started = time.perf_counter()
     for name, stage in dag_for("tinybert-full", cfg).items():  # listed in topological order
-        inputs = {up: done[up] for up in stage.inputs}
-        key = store.stage_key(name, stage.section(cfg), inputs)
+        inputs = {role: done[node] for role, node in stage.inputs.items()}
+        key = store.stage_key(name, stage.section(cfg), inputs, code=stage.code)
         t0 = time.perf_counter()
-        done[name] = store.write(
-            name, key, lambda out: stage.run(cfg, *[a.path for a in inputs.values()], out, store.work_dir(name, key), []),
-            config=stage.section(cfg), inputs=inputs,
-        )
+        io = lambda out: StageIO({role: a.path for role, a in inputs.items()}, out, store.work_dir(name, key))  # noqa: E731
+        done[name] = store.write(name, key, lambda out: stage.run(cfg, io(out)), config=stage.section(cfg), inputs=inputs)
         seconds[name] = time.perf_counter() - t0
     return time.perf_counter() - started, seconds
 

@@ -11,8 +11,8 @@ mapping g(m): embeddings hidden MSE through W_e; per student layer m, attention-
 hidden MSE through the shared W_h against teacher layer g(m). The prediction step is
 ``tinybert_prediction``: soft cross-entropy at T (logits MSE for regression tasks).
 
-* kd_core side: the pipeline's own stage functions, ``kd_core.stages.task_distill`` (intermediate,
-  then prediction on the intermediate output) and ``kd_core.stages.evaluate``.
+* kd_core side: the pipeline's own stage functions, ``kd_core.stages.glue.task_distill_intermediate``,
+  then ``task_distill_prediction`` on the intermediate output, and ``kd_core.stages.glue.evaluate_models``.
 * TextBrewer side: ``GeneralDistiller`` with ``intermediate_matches`` (feature attention/hidden,
   loss attention_mse/hidden_mse, proj ['linear', d_s, d_t]) and adaptors that return kd_core's
   ``ModelAdaptor`` internals: hidden states, pre-softmax attention scores (transformers 5
@@ -59,7 +59,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kd_core import stages
+from kd_core.stages import common, glue
+from kd_core.stages.common import StageIO
 from kd_core.config import LayerMapping, PipelineConfig, PruneConfig, StudentConfig, TaskDistillSection, TaskSection, TrainConfig
 from kd_core.data.features import encode_examples
 from kd_core.data.tasks import get_task
@@ -71,7 +72,7 @@ from kd_core.train.objective import expand_recipe, term_name
 from kd_core.train.trainer import _param_groups
 
 MARKER = "textbrewer_peer.json"
-MODEL = stages.MODEL_SUBDIR
+MODEL = common.MODEL_SUBDIR
 CLAMP_NOTE = (
     "TextBrewer's attention_mse zeroes every score <= -1e-3 (student and teacher) on purpose, but only "
     "in its branch without inputs_mask; these adaptors pass inputs_mask, so its masked branch runs (no "
@@ -306,7 +307,9 @@ def run_ours(cfg, step: str, teacher_stage: Path, student_stage: Path, data_stag
     clock = StepClock()
     (out / "work").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    summary = stages.task_distill(cfg, step, teacher_stage, student_stage, data_stage, out, out / "work", callbacks=[clock])
+    run = glue.task_distill_intermediate if step == "intermediate" else glue.task_distill_prediction
+    io = StageIO({"teacher": teacher_stage, "student": student_stage, "data": data_stage}, out, out / "work", [clock])
+    summary = run(cfg, io)
     wall = time.perf_counter() - started
     shutil.rmtree(out / "work", ignore_errors=True)
     return {"summary": summary, "wall_seconds": wall, "losses": clock.metrics,
@@ -451,8 +454,8 @@ def main() -> None:
                                         prediction=prediction, temperature=args.temperature),
     )
 
-    with stages.quiet_transformers():
-        teacher = stages._load_classifier(teacher_stage / MODEL, spec)
+    with common.quiet_transformers():
+        teacher = common.load_classifier(teacher_stage / MODEL, spec)
     teacher.to(device).eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
@@ -460,8 +463,8 @@ def main() -> None:
 
     # The one random student, and the starting projections, for both sides.
     torch.manual_seed(args.seed)
-    student = build_student(teacher, student_cfg, head="sequence_classification", **stages._task_head_kwargs(spec))
-    s_shape, t_shape = stages.shape_of(student), stages.shape_of(teacher)
+    student = build_student(teacher, student_cfg, head="sequence_classification", **common.task_head_kwargs(spec))
+    s_shape, t_shape = common.shape_of(student), common.shape_of(teacher)
     specs = expand_recipe(cfg.task_distill.recipe, cfg.task_distill.mapping, s_shape.num_layers, t_shape.num_layers)
     torch.manual_seed(args.seed + 1)
     projections = {}
@@ -476,8 +479,8 @@ def main() -> None:
     # kd_core's task_distill starts from projections saved beside the student (_init_projections).
     save_file({f"{n}.{k}": v.contiguous() for n, state in projections.items() for k, v in state.items()},
               str(student_stage / MODEL / "projections.safetensors"))
-    with stages.quiet_transformers():
-        reloaded = stages._load_classifier(student_stage / MODEL, spec)
+    with common.quiet_transformers():
+        reloaded = common.load_classifier(student_stage / MODEL, spec)
     built, loaded = student.state_dict(), reloaded.state_dict()
     same = built.keys() == loaded.keys() and all(torch.equal(built[k], loaded[k]) for k in built)
     if not same:
@@ -542,7 +545,7 @@ def main() -> None:
             "task_distill": cfg.task_distill.model_copy(update={"mapping": LayerMapping(strategy="student_init")})})
         pruned_stage = stage / "pruned"
         (pruned_stage).mkdir()
-        stages.prune_finetuned(pruned_cfg, teacher_stage, data_stage, pruned_stage)
+        glue.prune_finetuned(pruned_cfg, StageIO({"teacher": teacher_stage, "task": data_stage}, pruned_stage))
         print(f"[ours, pruned init] intermediate, {args.steps} steps", flush=True)
         results["pruned_intermediate"] = run_ours(pruned_cfg, "intermediate", teacher_stage, pruned_stage, data_stage,
                                                   out / "pruned" / "intermediate", args.warmup)
@@ -553,8 +556,8 @@ def main() -> None:
 
     # dev scores with the pipeline's evaluate stage (teacher for reference)
     (out / "eval").mkdir()
-    with stages.quiet_transformers():
-        stages.evaluate(cfg, sides, task_stage, out / "eval")
+    with common.quiet_transformers():
+        glue.evaluate_models(cfg, sides, task_stage, out / "eval")
     metrics = {r["model"]: r for r in json.loads((out / "eval" / "metrics.json").read_text())}
 
     checks = {

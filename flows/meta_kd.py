@@ -4,7 +4,7 @@ One run trains and evaluates, on each target domain's dev split and for every tr
 and seed of ``meta_kd``: (a) a student of the single-domain teacher, (b) a student of a teacher
 fine-tuned on all domains mixed, (c) Meta-KD (meta-teacher, then meta-distillation), and the
 three teachers themselves; the report holds the per-domain and few-shot tables (stage table:
-tasks.metakd_dag). Nodes are cached one by one, so adding a seed or a fraction trains only the
+tasks/metakd_dag.py). Nodes are cached one by one, so adding a seed or a fraction trains only the
 new ones.
 """
 
@@ -16,9 +16,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.profiles import ProfileName
-from flows.run import pipeline_parameters_doc, pipeline_run, summarize
-from tasks.runtime import stage_task
-from tasks.stages import dag_for
+from flows.run import pipeline_parameters_doc, run_pipeline
 
 FLOW_NAME = "meta-kd"
 
@@ -31,8 +29,4 @@ DESCRIPTION = "Meta-KD across the Amazon review domains: per-domain data, single
 @flow(name=FLOW_NAME, description=DESCRIPTION, log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=3))
 @pipeline_parameters_doc
 def meta_kd(profile: ProfileName = "smoke", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict:
-    with pipeline_run(FLOW_NAME, profile, overrides, force) as (ctx, cfg):
-        futures = {}
-        for name, stage in dag_for(FLOW_NAME, cfg).items():
-            futures[name] = stage_task(name).submit(ctx, cfg, *(futures[i] for i in stage.inputs))
-        return summarize(ctx, futures["report"].result())
+    return run_pipeline(FLOW_NAME, profile, overrides, force)

@@ -14,7 +14,8 @@ from kd_core.artifacts import Artifact
 from kd_core.models.registry import kd_home
 from kd_core.stop import STOP_REQUESTED, StopRequested
 
-from tasks.runtime import RunContext, StageFailed, close_abandoned_runs, first_failure, process_tags
+from tasks.runtime import RunContext, StageFailed, close_abandoned_runs, first_failure, process_tags, stage_task
+from tasks.stages import dag_for
 from tasks.tracking import flatten, log_markdown, setup_tracking, tracking_uri
 
 
@@ -175,3 +176,23 @@ def summarize(ctx: RunContext, report: Artifact, exported: Artifact | None = Non
     print(f"MLflow: parent run {where}")
     return {"report": str(report_md), "mlflow_run_id": ctx.parent_run_id, "report_text": text,
             **({"export": str(exported.path)} if exported is not None else {})}
+
+
+def submit_graph(ctx: RunContext, cfg) -> dict:
+    """Submit every stage of the flow's graph, in its topological order, each with its inputs by
+    role and its ordering-only edges as ``wait_for``: ``{name: future}``."""
+    futures: dict = {}
+    for name, stage in dag_for(ctx.flow_name, cfg).items():
+        inputs = {role: futures[node] for role, node in stage.inputs.items()}
+        futures[name] = stage_task(name).submit(ctx, cfg, inputs, wait_for=[futures[node] for node in stage.after])
+    return futures
+
+
+def run_pipeline(flow_name: str, profile: str, overrides: dict[str, Any] | None, force: list[str] | None) -> dict:
+    """The body of every pipeline flow: its graph submitted, the report (and the export, when the
+    graph has one) attached to the parent run."""
+    with pipeline_run(flow_name, profile, overrides, force) as (ctx, cfg):
+        futures = submit_graph(ctx, cfg)
+        exported = futures["export"].result() if "export" in futures else None
+        return summarize(ctx, futures["report"].result(), exported)
+

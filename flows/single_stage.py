@@ -35,14 +35,13 @@ def override_args(overrides: dict[str, Any] | None) -> str:
     return "".join(parts)
 
 
-def resolve_inputs(ctx: RunContext, cfg, name: str, overrides: dict[str, Any] | None = None) -> list[Artifact]:
-    """The stored artifacts a stage would read, found by recomputing the upstream keys."""
+def resolve_inputs(ctx: RunContext, cfg, name: str, overrides: dict[str, Any] | None = None) -> dict[str, Artifact]:
+    """The stored artifacts a stage would read, by role, found by recomputing the upstream keys."""
     dag = dag_for(ctx.flow_name, cfg)
     flow_name = ctx.flow_name
-    found = []
-    for upstream in dag[name].inputs:
-        inputs = dict(zip(dag[upstream].inputs, resolve_inputs(ctx, cfg, upstream, overrides)))
-        key = stage_key(ctx, cfg, upstream, inputs)
+    found = {}
+    for role, upstream in dag[name].inputs.items():
+        key = stage_key(ctx, cfg, upstream, resolve_inputs(ctx, cfg, upstream, overrides))
         artifact, problem = ctx.store.lookup(upstream, key)
         if artifact is None:
             why = f" ({problem})" if problem else ""
@@ -51,7 +50,7 @@ def resolve_inputs(ctx: RunContext, cfg, name: str, overrides: dict[str, Any] | 
                 f"kd run {flow_name} --profile {cfg.profile}{override_args(overrides)} "
                 f"(or kd stage {upstream} --profile {cfg.profile}{override_args(overrides)})"
             )
-        found.append(artifact)
+        found[role] = artifact
     return found
 
 
@@ -92,7 +91,7 @@ def single_stage(stage: str, profile: ProfileName = "smoke", overrides: dict[str
         written = []
         for name in names:
             inputs = resolve_inputs(ctx, cfg, name, overrides)
-            artifact = stage_task(name)(ctx, cfg, *inputs)
+            artifact = stage_task(name)(ctx, cfg, inputs)
             written.append(str(artifact.path))
             print(f"{name}: {artifact.path}")
         return written

@@ -105,19 +105,20 @@ class ArtifactStore:
     """``root/<stage>/<key>/`` holds one stage output and its manifest; nothing is edited in place.
 
     The key hashes the stage's resolved config section, the digests of its inputs and the code
-    version. Each artifact's manifest records the digest of its files; a lookup re-hashes them,
+    it runs. Each artifact's manifest records the digest of its files; a lookup re-hashes them,
     so a deleted or edited artifact is recomputed instead of used.
     """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
-    def stage_key(self, stage: str, config: _Any, inputs: dict[str, Artifact] | None = None) -> str:
+    def stage_key(self, stage: str, config: _Any, inputs: dict[str, Artifact] | None = None, code: str | None = None) -> str:
+        """``code``: a hash of the source the stage runs (kd_core.fingerprint); without it, all of kd_core's."""
         payload = {
             "stage": stage,
             "config": config,
             "inputs": {name: art.digest for name, art in sorted((inputs or {}).items())},
-            "code": code_version(),
+            "code": code or code_version(),
         }
         return _hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:20]
 

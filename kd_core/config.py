@@ -14,6 +14,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kd_core.errors import UserError
+from kd_core.fingerprint import check_only
 
 FEATURES = (
     "embeddings",
@@ -31,6 +32,7 @@ FEATURES = (
 )
 
 
+@check_only
 def _known_recipe(value: str | None) -> str | None:
     from kd_core.train.recipes import RECIPES  # late: the recipes module imports this one
 
@@ -39,6 +41,7 @@ def _known_recipe(value: str | None) -> str | None:
     return value
 
 
+@check_only
 def _known_loss(value: str) -> str:
     from kd_core.losses.registry import LOSSES
 

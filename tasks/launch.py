@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from kd_core.config import PipelineConfig
+from kd_core.stages.common import StageIO
 from tasks.stages import dag_for
 
 
@@ -26,7 +27,9 @@ def main(spec_path: str) -> None:
         from tasks.tracking import StepMetricsLogger
 
         callbacks.append(StepMetricsLogger(spec["mlflow_run_id"]))
-    result = stage.run(cfg, *map(Path, spec["inputs"]), Path(spec["out"]), Path(spec["work"]), callbacks)
+    io = StageIO(inputs={role: Path(path) for role, path in spec["inputs"].items()}, out=Path(spec["out"]),
+                 work=Path(spec["work"]), callbacks=callbacks)
+    result = stage.run(cfg, io)
     if rank == 0:
         for callback in callbacks:
             callback.flush()

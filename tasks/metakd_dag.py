@@ -20,10 +20,13 @@ reuse every node already computed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from kd_core.config import PipelineConfig, for_task
-from kd_core.metakd import stages as mk
-from tasks.stages import PREPARE_TASK, StageDef, _dump, _for_domain
+from kd_core.metakd.report import STUDENT_METHODS, teacher_base_config
+from kd_core.stages import metakd as mk
+from tasks.glue_dag import PREPARE_TASK
+from tasks.graph import StageDef, dump, for_domain
 
 _TEACHER_STAGE = {"single": "finetune_teacher", "mixed": "finetune_mixed", "meta": "meta_teacher"}
 _STUDENT_STAGE = {"single": "distill_single", "mixed": "distill_mixed", "meta": "meta_distill"}
@@ -84,7 +87,7 @@ def _teacher_stage(cfg: PipelineConfig, kind: str, cell: Cell) -> StageDef:
             "domains": domains,
             "domain_order": list(meta.domains),
             "max_seq_length": c.task.max_seq_length,
-            "train": mk.teacher_base_config(c).model_dump(mode="json", exclude={"seed"}),
+            "train": teacher_base_config(c).model_dump(mode="json", exclude={"seed"}),
             "teacher_epochs": meta.teacher_epochs,
             "teacher_min_steps": meta.teacher_min_steps,
             "seed": seed,
@@ -94,20 +97,14 @@ def _teacher_stage(cfg: PipelineConfig, kind: str, cell: Cell) -> StageDef:
                           normalize_scores=meta.normalize_scores)
         return result
 
-    def run(c: PipelineConfig, *args):
-        *dirs, out, work, callbacks = args
-        target = cell.target if (kind == "single" or not cell.full) else None
-        reps_dir = dirs[len(domains)] if kind == "meta" else None
-        return mk.train_teacher(c, kind, dict(zip(domains, dirs)), target, cell.fraction, seed, out, work, callbacks,
-                                reps_dir=reps_dir)
-
     shared = kind != "single" and cell.full
     register = {"single": "teacher", "mixed": "mixed-teacher", "meta": "meta-teacher"}[kind] if cell.full else None
     return StageDef(
-        teacher_node(kind, cell),
-        tuple(f"prepare_task@{d}" for d in domains) + (("encode_domains",) if kind == "meta" else ()),
-        section,
-        run,
+        name=teacher_node(kind, cell),
+        fn=partial(mk.teacher_stage, kind=kind, target=cell.target if (kind == "single" or not cell.full) else None,
+                   fraction=cell.fraction, seed=seed),
+        inputs={**{d: f"prepare_task@{d}" for d in domains}, **({"reps": "encode_domains"} if kind == "meta" else {})},
+        section=section,
         register_as=register,
         trains=True,
         task_of=(lambda c: "amazon") if shared else (lambda c: mk.domain_task(cell.target)),
@@ -123,8 +120,8 @@ def _student_stage(cfg: PipelineConfig, method: str, target: str, fraction: floa
             **_data_section(c, Cell(target, fraction)),
             "method": method,
             "init": c.teacher,
-            "student": _dump(meta.student),
-            "mapping": _dump(meta.mapping),
+            "student": dump(meta.student),
+            "mapping": dump(meta.mapping),
             "distill": meta.distill.model_dump(mode="json", exclude={"seed"}),
             "prediction": meta.prediction.model_dump(mode="json", exclude={"seed"}),
             "temperature": meta.temperature,
@@ -137,31 +134,23 @@ def _student_stage(cfg: PipelineConfig, method: str, target: str, fraction: floa
             result["gamma2"] = meta.gamma2
         return result
 
-    def run(c: PipelineConfig, teacher_dir, task_dir, out, work, callbacks):
-        return mk.distill_student(c, method, teacher_dir, task_dir, target, fraction, seed, out, work, callbacks)
-
     return StageDef(
-        student_node(method, target, fraction, seed),
-        (teacher, f"prepare_task@{target}"),
-        section,
-        run,
+        name=student_node(method, target, fraction, seed),
+        fn=partial(mk.student_stage, method=method, target=target, fraction=fraction, seed=seed),
+        inputs={"teacher": teacher, "task": f"prepare_task@{target}"},
+        section=section,
         trains=True,
         task_of=lambda c: mk.domain_task(target),
     )
 
 
 def _evaluation_stage(name: str, target: str, models: dict[str, str]) -> StageDef:
-    """``models``: metric name -> node; the last input is the target's data."""
-
-    def run(c: PipelineConfig, *args):
-        *dirs, task_dir, out, _work, _callbacks = args
-        return mk.evaluate_models(c, target, dict(zip(models, dirs)), task_dir, out)
-
+    """``models``: metric name -> node; it also reads the target's data."""
     return StageDef(
-        name,
-        (*models.values(), f"prepare_task@{target}"),
-        lambda c: {"task": _dump(for_task(c, mk.domain_task(target)).task), "models": list(models)},
-        run,
+        name=name,
+        fn=partial(mk.evaluation_stage, target=target),
+        inputs={**models, "task": f"prepare_task@{target}"},
+        section=lambda c: {"task": dump(for_task(c, mk.domain_task(target)).task), "models": list(models)},
         task_of=lambda c: mk.domain_task(target),
     )
 
@@ -174,13 +163,13 @@ def metakd_grid(cfg: PipelineConfig):
 
 def metakd_dag(cfg: PipelineConfig) -> list[StageDef]:
     meta = cfg.meta_kd
-    methods = list(mk.STUDENT_METHODS) if meta.baselines else ["meta"]
-    stages: list[StageDef] = [_for_domain(PREPARE_TASK, d, ()) for d in meta.domains]
+    methods = list(STUDENT_METHODS) if meta.baselines else ["meta"]
+    stages: list[StageDef] = [for_domain(PREPARE_TASK, d, {}) for d in meta.domains]
     stages.append(StageDef(
-        "encode_domains",
-        tuple(f"prepare_task@{d}" for d in meta.domains),
-        lambda c: {"teacher": c.teacher, "domains": list(c.meta_kd.domains), "max_seq_length": c.task.max_seq_length},
-        lambda c, *args: mk.encode_domains(c, dict(zip(c.meta_kd.domains, args[:-3])), args[-3]),
+        name="encode_domains",
+        fn=mk.encode_domains_stage,
+        inputs={d: f"prepare_task@{d}" for d in meta.domains},
+        section=lambda c: {"teacher": c.teacher, "domains": list(c.meta_kd.domains), "max_seq_length": c.task.max_seq_length},
         task_of=lambda c: "amazon",
     ))
     names: set[str] = set()
@@ -214,21 +203,14 @@ def metakd_dag(cfg: PipelineConfig) -> list[StageDef]:
 
 
 def _report_stage(cfg: PipelineConfig, student_evals: list[str], teacher_evals: list[str]) -> StageDef:
-    grid = metakd_grid(cfg)
-    teacher_cells = [_parse_eval(name, cfg) for name in teacher_evals]
-
-    def run(c: PipelineConfig, *args):
-        *dirs, out, _work, _callbacks = args
-        students = [(t, f, s, d) for (t, f, s), d in zip(grid, dirs[: len(grid)])]
-        teachers = [(*cell, d) for cell, d in zip(teacher_cells, dirs[len(grid):])]
-        return mk.metakd_report(c, students, teachers, out)
-
+    students = [(t, f, s, name) for (t, f, s), name in zip(metakd_grid(cfg), student_evals)]
+    teachers = [(*_parse_eval(name, cfg), name) for name in teacher_evals]
     return StageDef(
-        "report",
-        (*student_evals, *teacher_evals),
-        lambda c: {"profile": c.profile, "task": {"max_seq_length": c.task.max_seq_length, "eval_split": c.task.eval_split},
-                   "teacher": c.teacher, "teacher_train": _dump(mk.teacher_base_config(c)), "meta_kd": _dump(c.meta_kd)},
-        run,
+        name="report",
+        fn=partial(mk.report_stage, student_evals=students, teacher_evals=teachers),
+        inputs={name: name for name in (*student_evals, *teacher_evals)},
+        section=lambda c: {"profile": c.profile, "task": {"max_seq_length": c.task.max_seq_length, "eval_split": c.task.eval_split},
+                           "teacher": c.teacher, "teacher_train": dump(teacher_base_config(c)), "meta_kd": dump(c.meta_kd)},
     )
 
 

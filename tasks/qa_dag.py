@@ -1,7 +1,7 @@
 """The squad-distill stage table: SQuAD data split, QA teacher, TinyBERT general and task
 distillation on QA windows, EM/F1 evaluation, benchmark and report.
 
-Built from the same StageDef pieces as the GLUE flows (tasks.stages); the general student's
+Built from the same StageDef pieces as the GLUE flows (tasks.glue_dag); the general student's
 stages are tinybert-full's own, so one corpus and general student serve both flows.
 """
 
@@ -9,18 +9,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from kd_core import qa_stages as qa
 from kd_core.config import PipelineConfig, for_task
-from tasks.stages import (
-    PREPARE_CORPUS,
-    StageDef,
-    _dump,
-    _evaluation_stages,
-    pruned_from_finetuned,
-    task_sources_fingerprint,
-    task_distill_steps,
-    tinybert_dag,
-)
+from kd_core.stages import qa
+from tasks.glue_dag import PREPARE_CORPUS, evaluation_stages, pruned_from_finetuned, task_distill_steps, tinybert_dag
+from tasks.graph import StageDef, dump, task_sources_fingerprint
 
 QA_DATA_FIELDS = ("version_2", "source", "eval_fraction", "articles", "train_limit", "eval_limit", "seed")
 QA_FEATURE_FIELDS = ("max_seq_length", "doc_stride", "max_query_length")
@@ -42,7 +34,7 @@ def _qa_features(c: PipelineConfig) -> dict:
 
 
 def _task_distill_section(c: PipelineConfig) -> dict:
-    return {"task": qa.qa_task_name(c), "qa_features": _qa_features(c), "task_distill": _dump(c.task_distill)}
+    return {"task": qa.qa_task_name(c), "qa_features": _qa_features(c), "task_distill": dump(c.task_distill)}
 
 
 def squad_dag(cfg: PipelineConfig) -> list[StageDef]:
@@ -53,31 +45,25 @@ def squad_dag(cfg: PipelineConfig) -> list[StageDef]:
     stages = [
         PREPARE_CORPUS,
         replace(general, task_of=qa.qa_task_name),  # registered as squad-distill-squad-general-student
+        StageDef(name="prepare_qa", fn=qa.prepare_qa, section=_qa_data, task_of=qa.qa_task_name),
         StageDef(
-            "prepare_qa",
-            (),
-            _qa_data,
-            lambda c, out, work, cb: qa.prepare_qa(c, out),
-            task_of=qa.qa_task_name,
-        ),
-        StageDef(
-            "finetune_teacher_qa",
-            ("prepare_qa",),
-            lambda c: {"teacher": c.teacher, "task": qa.qa_task_name(c), "qa_features": _qa_features(c),
-                       "finetune_teacher": _dump(c.finetune_teacher)},
-            lambda c, data, out, work, cb: qa.finetune_teacher_qa(c, data, out, work, cb),
+            name="finetune_teacher_qa",
+            fn=qa.finetune_teacher_qa,
+            inputs={"data": "prepare_qa"},
+            section=lambda c: {"teacher": c.teacher, "task": qa.qa_task_name(c), "qa_features": _qa_features(c),
+                               "finetune_teacher": dump(c.finetune_teacher)},
             register_as="teacher",
             trains=True,
             task_of=qa.qa_task_name,
         ),
-        *task_distill_steps("task_distill_qa", "finetune_teacher_qa", "general_distill", "prepare_qa",
-                            _task_distill_section, qa.task_distill_qa, task_of=qa.qa_task_name),
+        *task_distill_steps("task_distill_qa", teacher="finetune_teacher_qa", student="general_distill", data="prepare_qa",
+                            section=_task_distill_section, intermediate_fn=qa.task_distill_qa_intermediate,
+                            prediction_fn=qa.task_distill_qa_prediction, task_of=qa.qa_task_name),
         StageDef(
-            "evaluate_qa",
-            ("finetune_teacher_qa", "task_distill_qa_prediction", "prepare_qa"),
-            lambda c: {"qa": _dump(c.qa)},
-            lambda c, teacher, student, data, out, work, cb: qa.evaluate_qa(
-                c, {"teacher": teacher, "student": student}, data, out),
+            name="evaluate_qa",
+            fn=qa.evaluate_qa,
+            inputs={"teacher": "finetune_teacher_qa", "student": "task_distill_qa_prediction", "data": "prepare_qa"},
+            section=lambda c: {"qa": dump(c.qa)},
             task_of=qa.qa_task_name,
         ),
     ]
@@ -89,27 +75,18 @@ GLUE_TO_QA = {"finetune_teacher": "finetune_teacher_qa", "evaluate": "evaluate_q
 
 
 def _shared_benchmark_and_report(student_stage: str, training: tuple[str, ...]) -> list[StageDef]:
-    """benchmark and report exactly as tasks.stages defines them (same runs, same sections), with
-    their inputs renamed to the QA stages; the report also reads prepare_qa, is titled with the
-    QA task and the eval part's split name, and ends with the EM/F1 table and the data note."""
-    shared = {s.name: s for s in _evaluation_stages(student_stage, training)}
-    rename = lambda names: tuple(GLUE_TO_QA.get(n, n) for n in names)  # noqa: E731
-    bench = replace(shared["benchmark"], inputs=rename(shared["benchmark"].inputs))
+    """benchmark and report exactly as tasks.glue_dag defines them (same sections), with their
+    inputs renamed to the QA stages; the report also reads prepare_qa, is titled with the QA task
+    and the eval part's split name, and ends with the EM/F1 table and the data note."""
+    shared = {s.name: s for s in evaluation_stages(student_stage, training)}
+    rename = lambda inputs: {role: GLUE_TO_QA.get(node, node) for role, node in inputs.items()}  # noqa: E731
+    bench = replace(shared["benchmark"], inputs=rename(shared["benchmark"].inputs),
+                    after=tuple(GLUE_TO_QA.get(node, node) for node in shared["benchmark"].after))
     base = shared["report"]
-    inputs = rename(base.inputs)
-    extra = () if "prepare_qa" in inputs else ("prepare_qa",)
-    evaluation_at, data_at = inputs.index("evaluate_qa"), (inputs + extra).index("prepare_qa")
-
-    def run(c, *args):
-        *dirs, out, work, callbacks = args
-        result = base.run(qa.report_config(c, dirs[data_at]), *dirs[: len(inputs)], out, work, callbacks)
-        qa.append_qa_report(c, dirs[evaluation_at], dirs[data_at], out)
-        return result
-
     report = replace(
         base,
-        inputs=inputs + extra,
+        fn=qa.report,
+        inputs={**rename(base.inputs), "data": "prepare_qa"},
         section=lambda c: {**base.section(for_task(c, qa.qa_task_name(c))), "qa_report": {"version_2": c.qa.version_2}},
-        run=run,
     )
     return [bench, report]

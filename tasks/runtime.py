@@ -21,6 +21,7 @@ from prefect.states import Completed
 
 from kd_core.artifacts import Artifact, ArtifactStore
 from kd_core.config import PipelineConfig
+from kd_core.stages.common import StageIO
 from kd_core.stop import STOP_REQUESTED, StopRequested, check_stop, stoppable
 from kd_core.stop import TrainingInterrupted
 from tasks.stages import dag_for, stage_matches
@@ -217,7 +218,10 @@ def stage_section(stage, cfg: PipelineConfig) -> dict:
 
 
 def stage_key(ctx: RunContext, cfg: PipelineConfig, name: str, inputs: dict[str, Artifact]) -> str:
-    return ctx.store.stage_key(name, stage_section(dag_for(ctx.flow_name, cfg)[name], cfg), inputs)
+    """The stage's cache key: its config section, its inputs' digests by role, and the hash of the
+    kd_core code its function can run."""
+    stage = dag_for(ctx.flow_name, cfg)[name]
+    return ctx.store.stage_key(name, stage_section(stage, cfg), inputs, code=stage.code)
 
 
 def _free_port() -> int:
@@ -233,7 +237,7 @@ def launch_distributed(ctx: RunContext, cfg: PipelineConfig, name: str, inputs, 
         "flow": ctx.flow_name,
         "stage": name,
         "config": cfg.model_dump(mode="json"),
-        "inputs": [str(a.path) for a in inputs],
+        "inputs": {role: str(a.path) for role, a in inputs.items()},
         "out": str(out),
         "work": str(work),
         "result": str(work / "launch-result.json"),
@@ -251,14 +255,16 @@ def launch_distributed(ctx: RunContext, cfg: PipelineConfig, name: str, inputs, 
     return json.loads(Path(spec["result"]).read_text())
 
 
-def run_stage(ctx: RunContext, cfg: PipelineConfig, name: str, *inputs: Artifact):
-    """Return the cached artifact (as a 'Cached' state) or compute, track and store it."""
+def run_stage(ctx: RunContext, cfg: PipelineConfig, name: str, inputs: dict[str, Artifact]):
+    """Return the cached artifact (as a 'Cached' state) or compute, track and store it.
+    ``inputs``: the upstream artifacts by the roles the stage's graph entry names."""
     stage = dag_for(ctx.flow_name, cfg)[name]
     logger = get_run_logger()
-    input_map = dict(zip(stage.inputs, inputs))
+    if set(inputs) != set(stage.inputs):
+        raise ValueError(f"stage {name} reads {sorted(stage.inputs)}; it was given {sorted(inputs)}")
     section = stage_section(stage, cfg)
     store = ctx.store
-    key = store.stage_key(name, section, input_map)
+    key = store.stage_key(name, section, inputs, code=stage.code)
     forced = stage_matches(list(ctx.force), name)
 
     def cached():
@@ -292,13 +298,13 @@ def run_stage(ctx: RunContext, cfg: PipelineConfig, name: str, *inputs: Artifact
             return hit
         check_stop(f"stage {name}")  # a stop asked while it queued: it does not start
         with stoppable():
-            return _compute_stage(ctx, cfg, stage, name, key, section, input_map, inputs, logger)
+            return _compute_stage(ctx, cfg, stage, name, key, section, inputs, logger)
     finally:
         lock.release()
 
 
 def _compute_stage(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: str, section: dict,
-                   input_map: dict[str, Artifact], inputs: tuple[Artifact, ...], logger):
+                   inputs: dict[str, Artifact], logger):
     store = ctx.store
     experiment_id = setup_tracking()
     client = MlflowClient()
@@ -318,8 +324,9 @@ def _compute_stage(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: 
         if stage.trains and stage_processes() > 1:
             produce = lambda out: launch_distributed(ctx, cfg, name, inputs, out, work, run_id)  # noqa: E731
         else:
-            produce = lambda out: stage.run(cfg, *[a.path for a in inputs], out, work,  # noqa: E731
-                                            [step_logger, StageProgress(name, logger)])
+            produce = lambda out: stage.run(cfg, StageIO(  # noqa: E731
+                inputs={role: a.path for role, a in inputs.items()}, out=out, work=work,
+                callbacks=[step_logger, StageProgress(name, logger)]))
         with _TRAINING_SLOTS if stage.trains else nullcontext():
             check_stop(f"stage {name}")  # a stop asked while it waited for the training slot
             artifact = store.write(
@@ -327,7 +334,7 @@ def _compute_stage(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key: 
                 key,
                 produce,
                 config=section,
-                inputs=input_map,
+                inputs={artifact.stage: artifact for artifact in inputs.values()},  # lineage by stage name
                 extra={"prefect_flow_run_id": ctx.flow_run_id, "mlflow_run_id": run_id},
             )
         step_logger.flush()
@@ -406,8 +413,8 @@ def register_outputs(ctx: RunContext, cfg: PipelineConfig, stage, name: str, key
 def stage_task(name: str):
     """A Prefect task for one stage. Prefect's own cache is off: the artifact store decides."""
 
-    def run(ctx: RunContext, cfg: PipelineConfig, *inputs: Artifact):
-        return run_stage(ctx, cfg, name, *inputs)
+    def run(ctx: RunContext, cfg: PipelineConfig, inputs: dict[str, Artifact]):
+        return run_stage(ctx, cfg, name, inputs)
 
     run.__name__ = name
     # the task run is named after its stage, without Prefect's random suffix (a callable, not a

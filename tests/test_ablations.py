@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 def smoke(tmp_path_factory, kd_data_dir):
     """The smoke profile's corpus, task data and fine-tuned teacher, shared by the tests below."""
     from flows.profiles import load_profile
-    from kd_core import stages
     from kd_core.artifacts import ArtifactStore
+    from kd_core.stages import glue as stages
+    from kd_core.stages.common import StageIO
 
     home = tmp_path_factory.mktemp("ablations")
     overrides = {"data_dir": str(kd_data_dir), "finetune_teacher.train.max_steps": 8,
@@ -24,10 +25,10 @@ def smoke(tmp_path_factory, kd_data_dir):
                  "task_distill.prediction.max_steps": 6}
     cfg = load_profile("smoke", overrides)
     store = ArtifactStore(home / "artifacts")
-    corpus = store.write("prepare_corpus", "c", lambda out: stages.prepare_corpus(cfg, out))
-    task = store.write("prepare_task", "t", lambda out: stages.prepare_task(cfg, out))
+    corpus = store.write("prepare_corpus", "c", lambda out: stages.prepare_corpus(cfg, StageIO(out=out)))
+    task = store.write("prepare_task", "t", lambda out: stages.prepare_task(cfg, StageIO(out=out)))
     teacher = store.write("finetune_teacher", "f", lambda out: stages.finetune_teacher(
-        cfg, task.path, out, store.work_dir("finetune_teacher", "f")))
+        cfg, StageIO({"task": task.path}, out, store.work_dir("finetune_teacher", "f"))))
     return {"overrides": overrides, "store": store, "corpus": corpus.path, "task": task.path, "teacher": teacher.path}
 
 
@@ -38,10 +39,12 @@ def _write(smoke, stage, key, run):
 
 def _general(smoke, key, **overrides):
     from flows.profiles import load_profile
-    from kd_core import stages
+    from kd_core.stages import glue as stages
+    from kd_core.stages.common import StageIO
 
     cfg = load_profile("smoke", {**smoke["overrides"], **overrides})
-    return cfg, _write(smoke, "general_distill", key, lambda out, work: stages.general_distill(cfg, smoke["corpus"], out, work))
+    return cfg, _write(smoke, "general_distill", key, lambda out, work: stages.general_distill(
+        cfg, StageIO({"corpus": smoke["corpus"]}, out, work)))
 
 
 def test_general_distill_switched_off_writes_the_student_as_initialised(smoke):
@@ -66,11 +69,13 @@ def test_general_distill_switched_off_writes_the_student_as_initialised(smoke):
 
 def _task_distill(smoke, key, step, student_dir, **overrides):
     from flows.profiles import load_profile
-    from kd_core import stages
+    from kd_core.stages import glue as stages
+    from kd_core.stages.common import StageIO
 
     cfg = load_profile("smoke", {**smoke["overrides"], **overrides})
-    return _write(smoke, f"task_distill_{step}", key, lambda out, work: stages.task_distill(
-        cfg, step, smoke["teacher"], student_dir, smoke["task"], out, work))
+    run = stages.task_distill_intermediate if step == "intermediate" else stages.task_distill_prediction
+    return _write(smoke, f"task_distill_{step}", key, lambda out, work: run(
+        cfg, StageIO({"teacher": smoke["teacher"], "student": student_dir, "data": smoke["task"]}, out, work)))
 
 
 def test_skip_intermediate_passes_the_student_on_untouched(smoke):
@@ -88,11 +93,11 @@ def test_skip_intermediate_passes_the_student_on_untouched(smoke):
     ("finetune", 0, ["hard_cross_entropy"]),
 ])
 def test_prediction_recipe_chooses_the_loss_and_whether_the_teacher_runs(smoke, monkeypatch, recipe, teacher_calls, losses):
-    from kd_core import stages
+    from kd_core.stages import glue as stages
 
     _, general = _general(smoke, "g")
     calls = []
-    load = stages._load_classifier
+    load = stages.load_classifier
 
     def counting_load(model_dir, spec):
         model = load(model_dir, spec)
@@ -100,7 +105,7 @@ def test_prediction_recipe_chooses_the_loss_and_whether_the_teacher_runs(smoke, 
             model.register_forward_hook(lambda *_: calls.append(1))
         return model
 
-    monkeypatch.setattr(stages, "_load_classifier", counting_load)
+    monkeypatch.setattr(stages, "load_classifier", counting_load)
     out = _task_distill(smoke, recipe, "prediction", general, **{"task_distill.prediction_recipe": recipe})
     assert len(calls) == teacher_calls  # one teacher forward per step (6 steps), none without KD
     matches = json.loads((out / "model" / "distillation.json").read_text())

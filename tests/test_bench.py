@@ -304,7 +304,8 @@ def test_cli_names_a_missing_model_dir(tmp_path):
 
 def test_pipeline_stage_writes_the_headline_cells(tmp_path):
     from kd_core.config import PipelineConfig
-    from kd_core.stages import benchmark
+    from kd_core.stages.common import StageIO
+    from kd_core.stages.glue import benchmark
 
     dirs = {"teacher": tmp_path / "t", "student": tmp_path / "s"}
     _save(tiny_bert(layers=2, hidden=32, heads=2, intermediate=64), dirs["teacher"] / "model")
@@ -312,7 +313,7 @@ def test_pipeline_stage_writes_the_headline_cells(tmp_path):
     cfg = PipelineConfig.model_validate({"benchmark": {"batch_size": 4, "seq_len": 16, "repeats": 2, "threads": 1}})
     out = tmp_path / "out"
     out.mkdir()
-    result = benchmark(cfg, dirs, out)
+    result = benchmark(cfg, StageIO(dirs, out))
     table = pd.read_parquet(out / "benchmark.parquet")
     assert list(table.columns) == COLUMNS
     assert sorted(zip(table["model"], table["batch_size"], table["seq_len"])) == [

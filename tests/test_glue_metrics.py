@@ -200,15 +200,16 @@ def _model_dir(root, labels, tokenizer, seed):
 
 
 def test_evaluate_scores_rows_and_refuses_a_swapped_teacher(tmp_path, sst2_dev, tokenizer, one_thread):
-    from kd_core import stages
     from kd_core.config import PipelineConfig
+    from kd_core.stages import glue as stages
+    from kd_core.stages.common import StageIO
 
     task_dir, rows = sst2_dev
     cfg = PipelineConfig(task={"name": "sst2", "max_seq_length": 32})
     good = _model_dir(tmp_path / "good", ["negative", "positive"], tokenizer, seed=1)
     out = tmp_path / "eval"
     out.mkdir()
-    stages.evaluate(cfg, {"teacher": tmp_path / "good"}, task_dir, out)
+    stages.evaluate(cfg, StageIO({"teacher": tmp_path / "good", "task": task_dir}, out))
     metrics = pd.read_parquet(out / "metrics.parquet").set_index("model")
     # the same model, one unpadded sentence at a time: the batched, padded evaluation must agree
     with torch.no_grad():
@@ -223,6 +224,6 @@ def test_evaluate_scores_rows_and_refuses_a_swapped_teacher(tmp_path, sst2_dev, 
     # saved with ["positive", "negative"]: evaluation and task distillation refuse it, naming the dir
     _model_dir(tmp_path / "swapped", ["positive", "negative"], tokenizer, seed=1)
     with pytest.raises(LabelOrderError, match=r"swapped/model.*\['positive', 'negative'\].*\['negative', 'positive'\]"):
-        stages.evaluate(cfg, {"teacher": tmp_path / "swapped"}, task_dir, tmp_path / "eval")
+        stages.evaluate(cfg, StageIO({"teacher": tmp_path / "swapped", "task": task_dir}, tmp_path / "eval"))
     with pytest.raises(LabelOrderError):
-        stages._load_classifier(tmp_path / "swapped" / "model", get_task("sst2"))
+        stages.load_classifier(tmp_path / "swapped" / "model", get_task("sst2"))

@@ -251,7 +251,7 @@ def test_subsample_is_stratified_and_seeded():
 
 def test_fraction_subsamples_only_the_target_domain(tmp_path):
     from kd_core.config import PipelineConfig
-    from kd_core.metakd.stages import training_rows
+    from kd_core.stages.metakd import training_rows
 
     dirs = {}
     for offset, domain in enumerate(["books", "dvd", "kitchen"]):
@@ -307,7 +307,7 @@ def test_meta_teacher_refreshes_prototypes_at_each_epoch_start(tmp_path, one_thr
 
 
 def test_cached_representations_follow_the_rows_by_domain_and_idx(tmp_path):
-    from kd_core.metakd.stages import REPS_FILE, lookup_reps
+    from kd_core.stages.metakd import REPS_FILE, lookup_reps
 
     np.savez(tmp_path / REPS_FILE, **{"books/idx": np.array([7, 3, 5]), "books/reps": np.array([[7.0], [3.0], [5.0]]),
                                       "dvd/idx": np.array([3, 9]), "dvd/reps": np.array([[30.0], [90.0]])})
@@ -341,10 +341,10 @@ def test_node_sections_name_their_fraction_and_seed():
     assert (student["target"], student["fraction"], student["seed"], student["subsample_seed"]) == ("books", 0.5, 2, 13)
     mixed = dag["finetune_mixed/f1.0"].section(cfg)
     assert mixed["fraction"] == 1.0 and mixed["target"] is None and "subsample_seed" not in mixed
-    assert dag["meta_teacher@dvd/f0.5"].inputs == ("prepare_task@books", "prepare_task@dvd", "encode_domains")
-    assert dag["meta_distill@dvd/f0.5/s1"].inputs == ("meta_teacher@dvd/f0.5", "prepare_task@dvd")
+    assert dag["meta_teacher@dvd/f0.5"].upstream == ("prepare_task@books", "prepare_task@dvd", "encode_domains")
+    assert dag["meta_distill@dvd/f0.5/s1"].upstream == ("meta_teacher@dvd/f0.5", "prepare_task@dvd")
     each = load_profile("smoke", {"meta_kd.teacher_seeds": "each"})
-    assert dag_for("meta-kd", each)["distill_single@books/f1.0/s2"].inputs[0] == "finetune_teacher@books/f1.0/s2"
+    assert dag_for("meta-kd", each)["distill_single@books/f1.0/s2"].upstream[0] == "finetune_teacher@books/f1.0/s2"
 
 
 def test_kd_stage_names_expand_to_the_per_domain_nodes():

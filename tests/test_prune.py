@@ -335,7 +335,7 @@ def test_student_init_mapping_follows_the_layers_the_student_came_from():
 
 
 def test_a_pruned_students_assistant_is_pruned_too(monkeypatch, tmp_path):
-    from kd_core.stages import assistant_config
+    from kd_core.stages.glue import assistant_config
 
     monkeypatch.setenv("KD_HOME", str(tmp_path))
     cfg = PipelineConfig(teacher="tiny-random-bert",

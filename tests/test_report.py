@@ -182,8 +182,9 @@ def test_report_needs_the_teacher_in_both_inputs(tmp_path):
 
 
 def test_report_stage_reads_training_histories(tmp_path):
-    from kd_core import stages
     from kd_core.config import PipelineConfig
+    from kd_core.stages import glue as stages
+    from kd_core.stages.common import StageIO
 
     cfg = PipelineConfig(profile="smoke", benchmark={"batch_size": 8, "seq_len": 32})
     dirs = {name: tmp_path / name for name in ("evaluate", "benchmark", "general_distill", "out")}
@@ -192,25 +193,31 @@ def test_report_stage_reads_training_histories(tmp_path):
     METRICS.to_parquet(dirs["evaluate"] / "metrics.parquet", index=False)
     _benchmark().to_parquet(dirs["benchmark"] / "benchmark.parquet", index=False)
     HISTORIES["general_distill"].to_parquet(dirs["general_distill"] / "history.parquet", index=False)
-    result = stages.report(cfg, dirs["evaluate"], dirs["benchmark"], dirs["out"], {"general_distill": dirs["general_distill"]})
+    result = stages.report(cfg, StageIO({"evaluation": dirs["evaluate"], "benchmark": dirs["benchmark"],
+                                         "history:general_distill": dirs["general_distill"]}, dirs["out"]))
     assert result == {"teacher_retention": 100.0, "teacher_speedup": 1.0, "student_retention": 90.0, "student_speedup": 3.0}
     assert "general_distill (20 steps)" in (dirs["out"] / "report.md").read_text()
     with pytest.raises(stages.StageInputError, match="finetune_teacher has no"):
-        stages.report(cfg, dirs["evaluate"], dirs["benchmark"], tmp_path / "x", {"finetune_teacher": tmp_path / "missing"})
+        stages.report(cfg, StageIO({"evaluation": dirs["evaluate"], "benchmark": dirs["benchmark"],
+                                    "history:finetune_teacher": tmp_path / "missing"}, tmp_path / "x"))
 
 
 def test_report_stage_takes_every_training_stage_of_the_dag():
     from flows.profiles import load_profile
-    from tasks.stages import dag_for, report_training_inputs
+    from tasks.glue_dag import minilm_dag
+    from tasks.graph import check_graph
+    from tasks.stages import dag_for
 
     cfg = load_profile("smoke")
-    assert dag_for("tinybert-full", cfg)["report"].inputs == (
+    assert dag_for("tinybert-full", cfg)["report"].upstream == (
         "evaluate", "benchmark", "general_distill", "finetune_teacher", "task_distill_intermediate", "task_distill_prediction")
     # smoke's minilm student is small: the assistant joins
-    assert dag_for("minilm", cfg)["report"].inputs == (
+    assert dag_for("minilm", cfg)["report"].upstream == (
         "evaluate", "benchmark", "assistant_distill", "minilm_distill", "finetune_teacher", "finetune_student")
-    with pytest.raises(ValueError, match=r"did not pass \['finetune_student'\]"):
-        report_training_inputs("minilm", cfg, {"assistant_distill": 1, "minilm_distill": 2, "finetune_teacher": 3})
+    # a graph whose report (and evaluation) reads a stage that no entry declares fails when it is built
+    stages = [s for s in minilm_dag(cfg) if s.name != "finetune_student"]
+    with pytest.raises(ValueError, match=r"stage evaluate reads \['finetune_student'\], which no earlier entry declares"):
+        check_graph("minilm", stages)
 
 
 # ---- kd report --runs on real flow runs ------------------------------------------------------------

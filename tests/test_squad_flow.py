@@ -119,7 +119,8 @@ def test_v2_evaluation_tunes_the_no_answer_threshold(tmp_path, kd_data_dir, toke
     import torch
     from transformers import BertConfig, BertForQuestionAnswering
 
-    from kd_core import qa_stages as qa
+    from kd_core.stages import qa
+    from kd_core.stages.common import StageIO
     from kd_core.config import PipelineConfig
     from kd_core.data.loaders import load_split, write_split
 
@@ -146,7 +147,7 @@ def test_v2_evaluation_tunes_the_no_answer_threshold(tmp_path, kd_data_dir, toke
     out = tmp_path / "out"
     out.mkdir()
     cfg = PipelineConfig(qa={"version_2": True, "max_seq_length": 128, "doc_stride": 32, "max_query_length": 32})
-    result = qa.evaluate_qa(cfg, {"teacher": model_dir}, data, out)
+    result = qa.evaluate_qa(cfg, StageIO({"teacher": model_dir, "data": data}, out))
 
     (row,) = pd.read_parquet(out / "metrics.parquet").to_dict("records")
     assert (row["task"], row["split"], row["rows"]) == ("squad_v2", "toy-v2-eval", 24)

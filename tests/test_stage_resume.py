@@ -23,28 +23,32 @@ class KillAt:
 
 def test_killed_general_distill_resumes_mid_stage(tmp_path, kd_data_dir, monkeypatch):
     from flows.profiles import load_profile
-    from kd_core import stages
     from kd_core.artifacts import ArtifactStore
+    from kd_core.stages import glue as stages
+    from kd_core.stages.common import StageIO
 
     monkeypatch.setenv("KD_HOME", str(tmp_path))
     cfg = load_profile("smoke", {"general_distill.train.checkpoint_every": 2, "general_distill.train.max_steps": 8,
                                  "data_dir": str(kd_data_dir)})
     store = ArtifactStore(tmp_path / "artifacts")
-    corpus = store.write("prepare_corpus", "k0", lambda out: stages.prepare_corpus(cfg, out))
+    corpus = store.write("prepare_corpus", "k0", lambda out: stages.prepare_corpus(cfg, StageIO(out=out)))
     key = "k1"
     work = store.work_dir("general_distill", key)
 
     with pytest.raises(Killed):
-        store.write("general_distill", key, lambda out: stages.general_distill(cfg, corpus.path, out, work, [KillAt(5)]))
+        store.write("general_distill", key, lambda out: stages.general_distill(
+            cfg, StageIO({"corpus": corpus.path}, out, work, [KillAt(5)])))
     assert store.get("general_distill", key) is None  # nothing half-written is visible
     assert (work / "checkpoints" / "step-0000004").is_dir()
 
-    resumed = store.write("general_distill", key, lambda out: stages.general_distill(cfg, corpus.path, out, work))
+    resumed = store.write("general_distill", key, lambda out: stages.general_distill(
+        cfg, StageIO({"corpus": corpus.path}, out, work)))
     result = json.loads((resumed.path / "manifest.json").read_text())["result"]
     assert result["resumed_from"] == 4 and result["steps"] == 8
     assert not work.exists()  # scratch space goes once the artifact lands
 
-    straight = store.write("general_distill", "k2", lambda out: stages.general_distill(cfg, corpus.path, out, store.work_dir("general_distill", "k2")))
+    straight = store.write("general_distill", "k2", lambda out: stages.general_distill(
+        cfg, StageIO({"corpus": corpus.path}, out, store.work_dir("general_distill", "k2"))))
     # exact resume: the resumed student's weights equal an uninterrupted run's, file for file
     for name in ("model/model.safetensors", "model/projections.safetensors"):
         assert (resumed.path / name).read_bytes() == (straight.path / name).read_bytes(), name

@@ -57,7 +57,7 @@ def test_an_explicit_mapping_outside_the_teacher_fails_at_graph_build(data_env):
 
 
 def test_task_name_aliases_share_one_cache_key(data_env):
-    from tasks.stages import PREPARE_TASK
+    from tasks.glue_dag import PREPARE_TASK
 
     assert _load({"task.name": "SST-2"}).task.name == "sst2"
     assert PREPARE_TASK.section(_load({"task.name": "SST-2"})) == PREPARE_TASK.section(_load({"task.name": "sst2"}))
@@ -81,8 +81,8 @@ def test_scoring_on_an_unlabeled_split_fails_before_training(data_env, kd_data_d
 
 
 def test_kd_run_and_prepare_task_find_the_same_data_from_any_directory(monkeypatch, tmp_path):
-    from kd_core import stages
     from kd_core.data.tasks import default_data_dir
+    from kd_core.stages import common as stages
 
     monkeypatch.delenv("KD_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)  # no ../shared/data from here
@@ -93,7 +93,7 @@ def test_kd_run_and_prepare_task_find_the_same_data_from_any_directory(monkeypat
 def test_the_prepare_task_key_follows_the_files_in_any_layout_the_loader_reads(monkeypatch, tmp_path, kd_data_dir):
     """SST-2/ directly under the data dir (no glue/): the loader reads it, and editing it must
     change prepare_task's key (before: the key hashed the absent glue/SST-2 folder)."""
-    from tasks.stages import PREPARE_TASK
+    from tasks.glue_dag import PREPARE_TASK
 
     folder = tmp_path / "data" / "SST-2"
     folder.mkdir(parents=True)
@@ -110,7 +110,8 @@ def test_the_prepare_task_key_follows_the_files_in_any_layout_the_loader_reads(m
 
 
 def test_empty_text_rows_are_counted_in_the_stage_result(monkeypatch, tmp_path, kd_data_dir, caplog):
-    from kd_core import stages
+    from kd_core.stages import glue as stages
+    from kd_core.stages.common import StageIO
 
     folder = tmp_path / "data" / "glue" / "SST-2"
     folder.mkdir(parents=True)
@@ -120,7 +121,7 @@ def test_empty_text_rows_are_counted_in_the_stage_result(monkeypatch, tmp_path, 
     (folder / "dev.tsv").write_text((kd_data_dir / "glue" / "SST-2" / "dev.tsv").read_text())
     cfg = _load({"data_dir": str(tmp_path / "data"), "task.train_limit": None, "task.eval_limit": 20})
     with caplog.at_level("WARNING", logger="kd_core.data"):
-        result = stages.prepare_task(cfg, tmp_path / "out")
+        result = stages.prepare_task(cfg, StageIO(out=tmp_path / "out"))
     assert result["train_empty_text_rows"] == 2 and result["dev_empty_text_rows"] == 0
     assert "sst2 train: 2 of 39 rows have an empty text field" in caplog.text
     assert stages.count_empty_texts(pd.DataFrame({"text_a": ["a", "b"], "text_b": ["", "c"]})) == 1
@@ -187,6 +188,6 @@ def test_the_export_switch_adds_the_stage_where_a_flow_has_one_and_fails_where_i
     for flow, student in (("tinybert-full", "task_distill_prediction"), ("minilm", "finetune_student")):
         assert "export" not in _dag(flow=flow)
         export = _dag({"export.enabled": True}, flow=flow)["export"]
-        assert export.inputs == (student, "prepare_task") and export.registers_onnx and not export.trains
+        assert export.upstream == (student, "prepare_task") and export.registers_onnx and not export.trains
     with pytest.raises(ConfigError, match="export.enabled: squad-distill has no export stage"):
         _dag({"export.enabled": True}, flow="squad-distill")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flows.profiles import load_profile
 from flows.single_stage import resolve_inputs
-from kd_core import stages as core
+from kd_core.stages.glue import evaluate_models
 from kd_core.config import parse_override
 from kd_core.models.registry import kd_home
 from tasks.runtime import RunContext, stage_key
@@ -31,13 +31,13 @@ def main() -> None:
     cfg = load_profile(args.profile, {**overrides, "task.eval_split": "holdout"})
     ctx = RunContext(str(kd_home()), "tinybert-full")
     inputs = resolve_inputs(ctx, cfg, "finetune_teacher")
-    key = stage_key(ctx, cfg, "finetune_teacher", dict(zip(["prepare_task"], inputs)))
+    key = stage_key(ctx, cfg, "finetune_teacher", inputs)
     teacher = ctx.store.get("finetune_teacher", key)
     if teacher is None:
         raise SystemExit(f"no finetune_teacher artifact {key}; run: kd stage finetune_teacher --profile {args.profile} "
                          + " ".join(f"-p {p}" for p in args.param))
     with tempfile.TemporaryDirectory() as out:
-        result = core.evaluate(cfg, {"teacher": teacher.path}, inputs[0].path, Path(out))
+        result = evaluate_models(cfg, {"teacher": teacher.path}, inputs["task"].path, Path(out))
     print(json.dumps({"profile": args.profile, "overrides": overrides, "teacher_key": key, "holdout": result}))
 
 

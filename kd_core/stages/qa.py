@@ -1,4 +1,4 @@
-"""The SQuAD stages as pure functions (same contract as :mod:`kd_core.stages`).
+"""The squad-distill flow's stages (same contract as :mod:`kd_core.stages.common`).
 
 ``prepare_qa`` writes the question rows: offline that is SQuAD v1.1 dev split by article into
 ``dev-articles-train`` and ``dev-articles-eval`` (``qa.source: dev-articles``), online the
@@ -14,17 +14,24 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
-import torch
 
-from kd_core import stages as core
 from kd_core.config import LayerMapping, PipelineConfig, TrainConfig, for_task
 from kd_core.data.qa import DEV_ARTICLES_EVAL, DEV_ARTICLES_TRAIN, build_features, sample_questions, split_by_article
 from kd_core.models.registry import load_model, load_tokenizer
-from kd_core.train.objective import Objective, expand_recipe
-from kd_core.train.trainer import DistillTrainer, TrainerCallback
+from kd_core.stages import glue
+from kd_core.stages.common import (
+    MODEL_SUBDIR,
+    StageInputError,
+    StageIO,
+    data_root,
+    finish_training,
+    init_projections,
+    quiet_transformers,
+    shape_of,
+)
+from kd_core.train.recipes import expand_recipe
 
 SPLIT_FILE = "qa_split.json"  # which files are the train and eval parts, and where they came from
 
@@ -34,13 +41,14 @@ def qa_task_name(cfg: PipelineConfig) -> str:
 
 
 # ---- data ------------------------------------------------------------------------------------------
-def prepare_qa(cfg: PipelineConfig, out: Path) -> dict:
+def prepare_qa(cfg: PipelineConfig, io: StageIO) -> dict:
+    """The question rows of the train and eval parts. Inputs: none."""
     from kd_core.data.loaders import load_split, write_split
     from kd_core.data.tasks import get_task
 
-    section = cfg.qa
+    section, out = cfg.qa, io.out
     spec = get_task(section.task_name)
-    root = core.data_root(cfg)
+    root = data_root(cfg)
     if section.source == "dev-articles":
         dev = load_split(spec, root, "dev")
         split = split_by_article(dev, section.eval_fraction, section.seed, section.articles)
@@ -73,7 +81,7 @@ def prepare_qa(cfg: PipelineConfig, out: Path) -> dict:
 def read_qa_split(qa_dir: Path) -> dict:
     path = Path(qa_dir) / SPLIT_FILE
     if not path.is_file():
-        raise core.StageInputError(f"expected {path} from prepare_qa; rerun prepare_qa")
+        raise StageInputError(f"expected {path} from prepare_qa; rerun prepare_qa")
     return json.loads(path.read_text())
 
 
@@ -84,7 +92,7 @@ def qa_rows(qa_dir: Path, role: str) -> tuple[pd.DataFrame, str]:
     name = read_qa_split(qa_dir)[f"{role}_split"]
     path = Path(qa_dir) / f"{name}.parquet"
     if not path.is_file():
-        raise core.StageInputError(f"expected the {role} questions at {path}; rerun prepare_qa")
+        raise StageInputError(f"expected the {role} questions at {path}; rerun prepare_qa")
     return read_split(path)[0], name
 
 
@@ -94,56 +102,70 @@ def _features(cfg: PipelineConfig, rows: pd.DataFrame, tokenizer, with_labels: b
 
 
 def _load_qa_model(source: str | Path):
-    with core.quiet_transformers():  # an encoder dir gains a fresh QA head here, by design
+    with quiet_transformers():  # an encoder dir gains a fresh QA head here, by design
         return load_model(source, head="question_answering")
 
 
 # ---- training --------------------------------------------------------------------------------------
-def finetune_teacher_qa(cfg: PipelineConfig, qa_dir: Path, out: Path, work: Path, callbacks: Sequence[TrainerCallback] = ()) -> dict:
-    """The teacher learns the task: start/end cross-entropy on the train windows."""
+def finetune_teacher_qa(cfg: PipelineConfig, io: StageIO) -> dict:
+    """The teacher learns the task: start/end cross-entropy on the train windows. Inputs: ``data``."""
+    import torch
+
+    from kd_core.train.objective import Objective
+    from kd_core.train.trainer import DistillTrainer
+
     train = cfg.finetune_teacher.train
     tokenizer = load_tokenizer(cfg.teacher)
     torch.manual_seed(train.seed)
     model = _load_qa_model(cfg.teacher)
-    features = _features(cfg, qa_rows(qa_dir, "train")[0], tokenizer, with_labels=True)
-    shape = core.shape_of(model)
+    features = _features(cfg, qa_rows(io["data"], "train")[0], tokenizer, with_labels=True)
+    shape = shape_of(model)
     specs = expand_recipe("qa_finetune", LayerMapping(), shape.num_layers, shape.num_layers)
-    trainer = DistillTrainer(None, model, Objective(specs, shape, None), features.inputs, train, work, tokenizer.pad_token_id, callbacks)
-    return {**core._finish_training(trainer, trainer.train(), tokenizer, out), "train_windows": len(features)}
+    trainer = DistillTrainer(None, model, Objective(specs, shape, None), features.inputs, train, io.work,
+                             tokenizer.pad_token_id, io.callbacks)
+    return {**finish_training(trainer, trainer.train(), tokenizer, io.out), "train_windows": len(features)}
 
 
-def task_distill_qa(
-    cfg: PipelineConfig,
-    step: str,
-    teacher_dir: Path,
-    student_dir: Path,
-    qa_dir: Path,
-    out: Path,
-    work: Path,
-    callbacks: Sequence[TrainerCallback] = (),
-) -> dict:
+def task_distill_qa_intermediate(cfg: PipelineConfig, io: StageIO) -> dict:
+    """The intermediate step on QA windows. Inputs: ``teacher``, ``student``, ``data``."""
+    return task_distill_qa(cfg, io, "intermediate")
+
+
+def task_distill_qa_prediction(cfg: PipelineConfig, io: StageIO) -> dict:
+    """The prediction step on QA windows. Inputs: ``teacher``, ``student``, ``data``."""
+    return task_distill_qa(cfg, io, "prediction")
+
+
+def task_distill_qa(cfg: PipelineConfig, io: StageIO, step: str) -> dict:
     """TinyBERT task distillation on QA windows: ``intermediate`` (task_distill.recipe, e.g. the
     embedding, attention and hidden matches), then ``prediction`` (qa_soft_cross_entropy on the
     start and end logits at task_distill.temperature)."""
+    import torch
+
+    from kd_core.train.objective import Objective
+    from kd_core.train.trainer import DistillTrainer
+
     if step not in ("intermediate", "prediction"):
-        raise core.StageInputError(f"task_distill_qa step must be intermediate or prediction, got {step!r}")
+        raise StageInputError(f"task_distill_qa step must be intermediate or prediction, got {step!r}")
     section = cfg.task_distill
+    teacher_dir, student_dir = io["teacher"], io["student"]
     train: TrainConfig = section.intermediate if step == "intermediate" else section.prediction
-    tokenizer = load_tokenizer(teacher_dir / core.MODEL_SUBDIR)
-    teacher = _load_qa_model(teacher_dir / core.MODEL_SUBDIR)
+    tokenizer = load_tokenizer(teacher_dir / MODEL_SUBDIR)
+    teacher = _load_qa_model(teacher_dir / MODEL_SUBDIR)
     torch.manual_seed(train.seed)
-    student = _load_qa_model(student_dir / core.MODEL_SUBDIR)
-    s_shape, t_shape = core.shape_of(student), core.shape_of(teacher)
+    student = _load_qa_model(student_dir / MODEL_SUBDIR)
+    s_shape, t_shape = shape_of(student), shape_of(teacher)
     if step == "intermediate":
         recipe, params = section.recipe, section.recipe_params
     else:
         recipe, params = "qa_prediction", {"temperature": section.temperature}
     specs = expand_recipe(recipe, section.mapping, s_shape.num_layers, t_shape.num_layers, params=params)
     objective = Objective(specs, s_shape, t_shape)
-    core._init_projections(objective, student_dir / core.MODEL_SUBDIR)
-    features = _features(cfg, qa_rows(qa_dir, "train")[0], tokenizer, with_labels=True)
-    trainer = DistillTrainer(teacher, student, objective, features.inputs, train, work, tokenizer.pad_token_id, callbacks)
-    return {**core._finish_training(trainer, trainer.train(), tokenizer, out), "train_windows": len(features)}
+    init_projections(objective, student_dir / MODEL_SUBDIR)
+    features = _features(cfg, qa_rows(io["data"], "train")[0], tokenizer, with_labels=True)
+    trainer = DistillTrainer(teacher, student, objective, features.inputs, train, io.work, tokenizer.pad_token_id,
+                             io.callbacks)
+    return {**finish_training(trainer, trainer.train(), tokenizer, io.out), "train_windows": len(features)}
 
 
 # ---- evaluation and report -------------------------------------------------------------------------
@@ -151,9 +173,15 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def evaluate_qa(cfg: PipelineConfig, models: dict[str, Path], qa_dir: Path, out: Path) -> dict:
+def evaluate_qa(cfg: PipelineConfig, io: StageIO) -> dict:
     """Exact match and F1 of each model on the eval part; ``score`` is F1 (v2.0: F1 at the
-    no-answer threshold tuned on this split, the official best_f1)."""
+    no-answer threshold tuned on this split, the official best_f1). Inputs: the models by name
+    (``teacher``, ``student``), and ``data``."""
+    models = {role: path for role, path in io.inputs.items() if role != "data"}
+    return evaluate_qa_models(cfg, models, io["data"], io.out)
+
+
+def evaluate_qa_models(cfg: PipelineConfig, models: dict[str, Path], qa_dir: Path, out: Path) -> dict:
     from kd_core.data.qa import postprocess_predictions
     from kd_core.evaluate.squad import predict_span_logits, squad_metrics
 
@@ -163,8 +191,8 @@ def evaluate_qa(cfg: PipelineConfig, models: dict[str, Path], qa_dir: Path, out:
     records = []
     windows: dict[str, int] = {}
     for name, model_dir in models.items():
-        tokenizer = load_tokenizer(model_dir / core.MODEL_SUBDIR)
-        model = _load_qa_model(model_dir / core.MODEL_SUBDIR)
+        tokenizer = load_tokenizer(model_dir / MODEL_SUBDIR)
+        model = _load_qa_model(model_dir / MODEL_SUBDIR)
         features = _features(cfg, rows, tokenizer, with_labels=False)
         starts, ends = predict_span_logits(model, features.inputs, tokenizer.pad_token_id, section.eval_batch_size)
         spans = postprocess_predictions(rows, features, starts, ends, section.n_best, section.max_answer_length)
@@ -194,6 +222,15 @@ def evaluate_qa(cfg: PipelineConfig, models: dict[str, Path], qa_dir: Path, out:
     for r in records:
         result.update({f"{r['model']}_score": round(float(r["score"]), 4), f"{r['model']}_exact_match": round(float(r["exact_match"]), 4),
                        f"{r['model']}_f1": round(float(r["f1"]), 4)})
+    return result
+
+
+def report(cfg: PipelineConfig, io: StageIO) -> dict:
+    """The GLUE flows' report (:func:`kd_core.stages.glue.report`) titled with the QA task and the
+    eval part's split, ending with the EM/F1 table and the data note. Inputs: the GLUE report's,
+    and ``data``."""
+    result = glue.report(report_config(cfg, io["data"]), io)
+    append_qa_report(cfg, io["evaluation"], io["data"], io.out)
     return result
 
 
@@ -228,6 +265,6 @@ def append_qa_report(cfg: PipelineConfig, eval_dir: Path, qa_dir: Path, out: Pat
     ]
     report = out / "report.md"
     if not report.is_file():
-        raise core.StageInputError(f"the shared report wrote no {report}")
+        raise StageInputError(f"the shared report wrote no {report}")
     with open(report, "a") as handle:
         handle.write("\n".join(lines) + "\n")

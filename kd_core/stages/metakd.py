@@ -1,11 +1,14 @@
-"""The meta-kd flow's stages as pure functions (no Prefect, no MLflow), like :mod:`kd_core.stages`.
+"""The meta-kd flow's stages (no Prefect, no MLflow; the contract of :mod:`kd_core.stages.common`).
+
+The stage entries (:func:`encode_domains_stage`, :func:`teacher_stage`, :func:`student_stage`,
+:func:`evaluation_stage`, :func:`report_stage`) read their inputs by role and call:
 
 * :func:`train_teacher` - ``single`` (one domain), ``mixed`` (all domains, plain cross-entropy) or
   ``meta`` (all domains, §3.2 of Meta-KD) teacher, fine-tuned from the pre-trained ``cfg.teacher``.
 * :func:`distill_student` - one student per (target, fraction, seed): ``single``/``mixed`` are
   plain TinyBERT task distillation from those teachers (λ ≡ 1, no transfer loss); ``meta`` is
   meta-distillation (§3.3). Same student init, matches, steps and rows for all three.
-* :func:`evaluate_models` and :func:`metakd_report` - dev scores and the tables.
+* :func:`evaluate_models` - dev scores; the tables are :mod:`kd_core.metakd.report`'s.
 
 Few-shot: a target's training rows are subsampled (stratified, ``meta_kd.subsample_seed``) for
 every teacher and student that sees the target domain; the other domains stay whole.
@@ -38,22 +41,21 @@ from kd_core.metakd.objectives import (
 )
 from kd_core.models.registry import load_model, load_tokenizer
 from kd_core.models.student import build_student
-from kd_core.stages import (
+from kd_core.metakd.report import STUDENT_METHODS, TEACHER_KINDS, metakd_report, teacher_base_config
+from kd_core.stages.common import (
     MODEL_SUBDIR,
     StageInputError,
-    _finish_training,
-    _load_classifier,
-    _read_rows,
-    _task_head_kwargs,
+    StageIO,
+    finish_training,
+    load_classifier,
     quiet_transformers,
+    read_rows,
     shape_of,
+    task_head_kwargs,
 )
 from kd_core.train.objective import Objective, expand_recipe, map_layers
 from kd_core.train.trainer import DistillTrainer, TrainerCallback
 
-TEACHER_KINDS = ("single", "mixed", "meta")
-STUDENT_METHODS = ("single", "mixed", "meta")  # (a), (b), (c)
-METHOD_LABELS = {"single": "(a) single-domain KD", "mixed": "(b) mixed-domain KD", "meta": "(c) Meta-KD"}
 META_HEAD_FILE = "metakd_head.safetensors"
 META_INFO_FILE = "metakd.json"
 META_SCORES_FILE = "prototype_scores.parquet"
@@ -79,7 +81,7 @@ def training_rows(cfg: PipelineConfig, task_dirs: dict[str, Path], target: str |
     for domain, task_dir in task_dirs.items():
         if domain not in section.domains:
             raise StageInputError(f"domain {domain!r} is not in meta_kd.domains {section.domains}")
-        rows = _read_rows(Path(task_dir) / "train.parquet")
+        rows = read_rows(Path(task_dir) / "train.parquet")
         if domain == target:
             rows = subsample_fraction(rows, fraction, section.subsample_seed)
         frames.append(rows.assign(domain=section.domains.index(domain)))
@@ -97,10 +99,6 @@ def teacher_train_config(cfg: PipelineConfig, rows: int, seed: int) -> TrainConf
     return base.model_copy(update={"max_steps": steps, "seed": seed})
 
 
-def teacher_base_config(cfg: PipelineConfig) -> TrainConfig:
-    return cfg.meta_kd.teacher_train or cfg.finetune_teacher.train
-
-
 def _row_counts(rows: pd.DataFrame, domains: list[str]) -> dict[str, int]:
     counts = rows["domain"].value_counts()
     return {domains[i]: int(counts.get(i, 0)) for i in sorted(set(rows["domain"]))}
@@ -108,7 +106,7 @@ def _row_counts(rows: pd.DataFrame, domains: list[str]) -> dict[str, int]:
 
 def _teacher_classifier(cfg: PipelineConfig, spec):
     with quiet_transformers():
-        return load_model(cfg.teacher, head="sequence_classification", **_task_head_kwargs(spec))
+        return load_model(cfg.teacher, head="sequence_classification", **task_head_kwargs(spec))
 
 
 def encode_domains(cfg: PipelineConfig, task_dirs: dict[str, Path], out: Path) -> dict:
@@ -122,7 +120,7 @@ def encode_domains(cfg: PipelineConfig, task_dirs: dict[str, Path], out: Path) -
     model = _teacher_classifier(cfg, spec)
     arrays, counts = {}, {}
     for domain, task_dir in task_dirs.items():
-        rows = _read_rows(Path(task_dir) / "train.parquet")
+        rows = read_rows(Path(task_dir) / "train.parquet")
         examples = encode_examples(rows, tokenizer, cfg.task.max_seq_length)
         arrays[f"{domain}/idx"] = rows["idx"].to_numpy()
         arrays[f"{domain}/reps"] = encode_content(model, examples, tokenizer.pad_token_id).cpu().numpy()
@@ -194,7 +192,7 @@ def train_teacher(
         specs = expand_recipe("finetune", LayerMapping(), shape.num_layers, shape.num_layers)
         trainer = DistillTrainer(None, model, Objective(specs, shape, None), examples, train, work,
                                  tokenizer.pad_token_id, callbacks, fingerprint_extra={"kind": kind})
-    summary = _finish_training(trainer, trainer.train(), tokenizer, out)
+    summary = finish_training(trainer, trainer.train(), tokenizer, out)
     if kind == "meta":
         summary["prototype_refreshes"] = trainer.prototype_refreshes
         if trainer.accelerator.is_main_process:
@@ -291,8 +289,8 @@ def distill_student(
     spec = _spec(target)
     model_dir = Path(teacher_dir) / MODEL_SUBDIR
     tokenizer = load_tokenizer(model_dir)
-    teacher = _load_classifier(model_dir, spec)
-    rows = subsample_fraction(_read_rows(Path(task_dir) / "train.parquet"), fraction, section.subsample_seed)
+    teacher = load_classifier(model_dir, spec)
+    rows = subsample_fraction(read_rows(Path(task_dir) / "train.parquet"), fraction, section.subsample_seed)
     index = section.domains.index(target)
     examples = attach_rows(encode_examples(rows, tokenizer, cfg.task.max_seq_length), [index] * len(rows))
     for example, logits in zip(examples, cached_logits(teacher_dir, target, rows["idx"])):
@@ -305,7 +303,7 @@ def distill_student(
     with quiet_transformers():
         base = load_model(cfg.teacher)
         student = build_student(base, student_config(cfg, shape_of(base).num_layers), head="sequence_classification",
-                                **_task_head_kwargs(spec))
+                                **task_head_kwargs(spec))
     del base
     s_shape = shape_of(student)
     specs = tinybert_intermediate_matches(section.mapping, s_shape, t_shape)
@@ -363,135 +361,40 @@ def cached_logits(teacher_dir: Path, domain: str, idx: pd.Series) -> list[list[f
 
 def evaluate_models(cfg: PipelineConfig, target: str, models: dict[str, Path], task_dir: Path, out: Path) -> dict:
     """Each model's score on the target domain's eval split (``metrics.parquet``)."""
-    from kd_core.stages import evaluate
+    from kd_core.stages.glue import evaluate_models as evaluate
 
     return evaluate(for_task(cfg, domain_task(target)), models, task_dir, out)
 
 
-# ---- report ------------------------------------------------------------------------------------
-def _cell(values: pd.Series) -> str:
-    values = values.dropna()
-    if values.empty:
-        return "—"
-    if len(values) == 1:
-        return f"{values.iloc[0]:.2f}"
-    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+# ---- the stage entries: inputs by role ------------------------------------------------------------
+def encode_domains_stage(cfg: PipelineConfig, io: StageIO) -> dict:
+    """Inputs: each domain's prepare_task, by domain name."""
+    return encode_domains(cfg, dict(io.inputs), io.out)
 
 
-def _fraction_label(fraction: float) -> str:
-    return f"{fraction:g}"
+def teacher_stage(cfg: PipelineConfig, io: StageIO, *, kind: str, target: str | None, fraction: float, seed: int) -> dict:
+    """Inputs: the prepare_task of each domain it trains on, by domain name, and for a
+    meta-teacher ``reps`` (encode_domains)."""
+    task_dirs = {role: path for role, path in io.inputs.items() if role != "reps"}
+    return train_teacher(cfg, kind, task_dirs, target, fraction, seed, io.out, io.work, io.callbacks, reps_dir=io.get("reps"))
 
 
-def collect_scores(cfg: PipelineConfig, student_evals: Sequence[tuple], teacher_evals: Sequence[tuple]) -> pd.DataFrame:
-    """One row per (domain, fraction, seed, role, method): every dev score of the run.
-
-    ``student_evals``/``teacher_evals`` are ``(target, fraction, seed, eval_dir)``; model names in
-    the metrics are ``single``/``mixed``/``meta`` (students) or ``<kind>_teacher`` (teachers).
-    """
-    records = []
-    for role, evaluations in (("student", student_evals), ("teacher", teacher_evals)):
-        for target, fraction, seed, eval_dir in evaluations:
-            metrics = pd.read_parquet(Path(eval_dir) / "metrics.parquet")
-            for row in metrics.itertuples():
-                method = row.model.removesuffix("_teacher")
-                records.append({"domain": target, "fraction": float(fraction), "seed": seed, "role": role,
-                                "method": method, "split": row.split, "rows": int(row.rows), "score": float(row.score)})
-    return pd.DataFrame(records)
+def student_stage(cfg: PipelineConfig, io: StageIO, *, method: str, target: str, fraction: float, seed: int) -> dict:
+    """Inputs: ``teacher``, ``task`` (the target's prepare_task)."""
+    return distill_student(cfg, method, io["teacher"], io["task"], target, fraction, seed, io.out, io.work, io.callbacks)
 
 
-def summarize_scores(scores: pd.DataFrame) -> pd.DataFrame:
-    """mean, sample std and count over seeds per (role, domain, fraction, method)."""
-    grouped = scores.groupby(["role", "domain", "fraction", "method"], sort=True)["score"]
-    summary = grouped.agg(mean="mean", std=lambda s: s.std(ddof=1) if len(s) > 1 else float("nan"), n="count")
-    return summary.reset_index()
+def evaluation_stage(cfg: PipelineConfig, io: StageIO, *, target: str) -> dict:
+    """Inputs: the models by metric name, and ``task`` (the target's prepare_task)."""
+    models = {role: path for role, path in io.inputs.items() if role != "task"}
+    return evaluate_models(cfg, target, models, io["task"], io.out)
 
 
-def _columns(scores: pd.DataFrame) -> list[tuple[str, str, str]]:
-    columns = []
-    for method in TEACHER_KINDS:
-        if ((scores.role == "teacher") & (scores.method == method)).any():
-            columns.append(("teacher", method, f"{method} teacher"))
-    for method in STUDENT_METHODS:
-        if ((scores.role == "student") & (scores.method == method)).any():
-            columns.append(("student", method, METHOD_LABELS[method]))
-    return columns
+def report_stage(cfg: PipelineConfig, io: StageIO, *, student_evals: Sequence[tuple], teacher_evals: Sequence[tuple]) -> dict:
+    """``student_evals``/``teacher_evals``: ``(target, fraction, seed, node)``; inputs by node name."""
+    def resolved(evaluations):
+        return [(target, fraction, seed, io[node]) for target, fraction, seed, node in evaluations]
+
+    return metakd_report(cfg, resolved(student_evals), resolved(teacher_evals), io.out)
 
 
-def _seed_averaged(scores: pd.DataFrame) -> pd.DataFrame:
-    """Per (role, method, fraction, seed): the score averaged over domains (teachers trained once
-    carry their one seed). The spread of these over seeds is the few-shot table's ±."""
-    return scores.groupby(["role", "method", "fraction", "seed"], dropna=False)["score"].mean().reset_index()
-
-
-def metakd_report(cfg: PipelineConfig, student_evals: Sequence[tuple], teacher_evals: Sequence[tuple], out: Path) -> dict:
-    """``scores.parquet`` (every score), ``summary.parquet`` (mean/std over seeds) and
-    ``report.md``: a per-domain table at fraction 1.0 and a few-shot table averaged over domains."""
-    section = cfg.meta_kd
-    scores = collect_scores(cfg, student_evals, teacher_evals)
-    if scores.empty:
-        raise StageInputError("the meta-kd report got no evaluations")
-    summary = summarize_scores(scores)
-    scores.to_parquet(out / "scores.parquet", index=False)
-    summary.to_parquet(out / "summary.parquet", index=False)
-    columns = _columns(scores)
-    split = scores["split"].iloc[0]
-    lines = [f"# {cfg.profile}: Meta-KD on Amazon reviews ({split} accuracy, mean ± sample std over seeds)", ""]
-
-    full = scores[scores.fraction == 1.0]
-    if not full.empty:
-        lines += ["## Per domain, full training data (fraction 1.0)", "",
-                  "| domain | " + " | ".join(c[2] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        for domain in section.target_domains:
-            cells = [_cell(full[(full.domain == domain) & (full.role == r) & (full.method == m)]["score"]) for r, m, _ in columns]
-            lines.append(f"| {domain} | " + " | ".join(cells) + " |")
-        averaged = _seed_averaged(full)
-        cells = [_cell(averaged[(averaged.role == r) & (averaged.method == m)]["score"]) for r, m, _ in columns]
-        lines += [f"| **mean** | " + " | ".join(cells) + " |", ""]
-
-    averaged = _seed_averaged(scores)
-    lines += ["## Few-shot: target-domain fraction, averaged over target domains", "",
-              "| fraction | " + " | ".join(c[2] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for fraction in sorted(scores.fraction.unique(), reverse=True):
-        at = averaged[averaged.fraction == fraction]
-        cells = [_cell(at[(at.role == r) & (at.method == m)]["score"]) for r, m, _ in columns]
-        lines.append(f"| {_fraction_label(fraction)} | " + " | ".join(cells) + " |")
-
-    deltas = {}
-    students = averaged[averaged.role == "student"]
-    if {"meta", "mixed"} <= set(students.method):
-        lines += ["", "Meta-KD minus the mixed-domain baseline (domain-averaged, mean over seeds):"]
-        for fraction in sorted(students.fraction.unique(), reverse=True):
-            at = students[students.fraction == fraction].groupby("method")["score"].mean()
-            delta = float(at["meta"] - at["mixed"])
-            deltas[f"meta_minus_mixed_f{_fraction_label(fraction)}"] = round(delta, 4)
-            lines.append(f"- fraction {_fraction_label(fraction)}: {delta:+.2f} points")
-
-    student, teacher = section.student, teacher_base_config(cfg)
-    teacher_seed = (f"one teacher per (fraction, target), trained with the first seed ({section.seeds[0]})"
-                    if section.teacher_seeds == "first" else "one teacher per seed")
-    lines += [
-        "",
-        "## Setup",
-        "",
-        f"- teacher `{cfg.teacher}` fine-tuned "
-        + (f"{section.teacher_epochs:g} epoch(s) (at least {section.teacher_min_steps} steps)" if section.teacher_epochs is not None
-           else f"{teacher.max_steps} steps")
-        + f" (batch {teacher.batch_size}, lr {teacher.learning_rate:g}) from the same pre-trained weights: single-domain, "
-        f"mixed-domain and meta-teacher alike; {teacher_seed}",
-        f"- student {student.num_layers}x{student.hidden_size} ({student.init}), max_seq_length {cfg.task.max_seq_length}: "
-        f"{section.distill.max_steps} intermediate steps (TinyBERT embedding/attention/hidden; batch {section.distill.batch_size}, "
-        f"lr {section.distill.learning_rate:g}), then {section.prediction.max_steps} prediction steps (soft CE, T={section.temperature}; "
-        f"batch {section.prediction.batch_size}, lr {section.prediction.learning_rate:g}); the same init, matches, steps and rows "
-        "for every method",
-        f"- Meta-KD: alpha {section.alpha}, gamma1 {section.gamma1}, gamma2 {section.gamma2}, prototype weights "
-        f"{'normalised to mean 1' if section.normalize_scores else 'raw'}; students weighted by λ in both steps",
-        f"- seeds {section.seeds}; few-shot rows drawn once per fraction (subsample_seed {section.subsample_seed}), "
-        "the same for every seed, teacher and student; other domains whole",
-        f"- eval: each target domain's {split} split ({int(scores['rows'].iloc[0])} rows); ± is the sample std over seeds "
-        "(for domain averages: of the per-seed averages); a single value has no ±",
-    ]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    result = {"scores": len(scores), **deltas}
-    for row in summary[(summary.fraction == 1.0)].itertuples():
-        result[f"{row.domain}_{row.role}_{row.method}_mean"] = round(float(row.mean), 4)
-    return result
