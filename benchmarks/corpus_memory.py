@@ -106,7 +106,8 @@ def main() -> None:
         raise SystemExit(f"need {max(args.files)} files under {data_dir()}/wikipedia_sample/AA, found {len(files)}")
     modes = ["streaming"] + (["naive"] if args.naive else [])
     print(f"max_seq_length={args.max_seq_length} shard_rows={args.shard_rows}; ru_maxrss of a fresh subprocess per run")
-    header = f"{'mode':<10} {'files':>5} {'input MB':>8} {'blocks':>7} {'tokens':>10} {'baseline MB':>11} {'peak MB':>8} {'peak-baseline':>13} {'s':>6}"
+    header = (f"{'mode':<10} {'files':>5} {'input MB':>8} {'blocks':>7} {'tokens':>10} {'baseline MB':>11} {'peak MB':>8} "
+              f"{'peak-baseline':>13} {'s':>6}")
     print(header)
     results = []
     for mode in modes:

@@ -126,7 +126,8 @@ def main() -> None:
         lines += ["## Models", "", "| model | params (M) | disk (MiB) | GFLOPs/seq @32 | @128 | @512 |", "|---|---|---|---|---|---|"]
         for name, g in models_table.groupby("model", sort=False):
             fl = g.drop_duplicates("seq_len").set_index("seq_len")["flops_per_seq"] / 1e9
-            lines.append(f"| {name} | {g.params.iloc[0] / 1e6:.1f} | {g.disk_mb.iloc[0]:.1f} | {fl[32]:.3f} | {fl[128]:.3f} | {fl[512]:.3f} |")
+            lines.append(f"| {name} | {g.params.iloc[0] / 1e6:.1f} | {g.disk_mb.iloc[0]:.1f} | {fl[32]:.3f} | {fl[128]:.3f} "
+                         f"| {fl[512]:.3f} |")
         lines += ["", "## Eager grid (latency per batch; throughput = batch / p50)", ""] + eager_table(frames["grid"])
         skipped = frames["grid"][frames["grid"]["status"] != "ok"]
         lines += ["", "Not measured:", ""] + [f"- {r.model}, {r.threads}T, {_cell(r)}: {r.status}" for r in skipped.itertuples()]
@@ -134,7 +135,8 @@ def main() -> None:
             speed = speedup_frame(frames["grid"], reference)
             speed = speed[speed["model"] == "student-4x312"]
             lines += ["", f"## Student speed-up over {reference} (eager)", ""] + speedup_table(speed)
-    lines += ["", "## Variants (minilm-l6 and the student, seq 128)", "", "| model | variant | threads | batch x seq | p50 ms | p95 ms | seq/s | status |",
+    lines += ["", "## Variants (minilm-l6 and the student, seq 128)", "",
+              "| model | variant | threads | batch x seq | p50 ms | p95 ms | seq/s | status |",
               "|---|---|---|---|---|---|---|---|"]
     for r in frames["variants"].itertuples():
         measured = r.status == "ok"
@@ -142,7 +144,8 @@ def main() -> None:
                      f"{r.seq_per_s:,.1f} | {r.status} |" if measured else
                      f"| {r.model} | {r.variant} | {r.threads} | {_cell(r)} | | | | {r.status} |")
     lines += ["", "### Student speed-up over minilm-l6 per variant", ""] + speedup_table(speedup_frame(frames["variants"], "minilm-l6"))
-    lines += ["", "### Each variant over eager (same model, threads, cell)", "", "| model | variant | threads | batch x seq | speed-up over eager |",
+    lines += ["", "### Each variant over eager (same model, threads, cell)", "",
+              "| model | variant | threads | batch x seq | speed-up over eager |",
               "|---|---|---|---|---|"]
     for r in variant_speedup_frame(frames["variants"]).itertuples():
         lines.append(f"| {r.model} | {r.variant} | {r.threads} | {_cell(r)} | {r.speedup_over_eager:.2f}x |")

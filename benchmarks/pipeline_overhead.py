@@ -102,7 +102,8 @@ def main() -> None:
     produce = sum(in_flow.values())
     in_run = results["flow"] - produce
     paired = results["flow"] - results["direct"]
-    print("\n| profile | stage time in the flow (s) | flow wall (s) | in-run overhead (s) | in-run % | direct wall (s) | paired overhead % |")
+    print("\n| profile | stage time in the flow (s) | flow wall (s) | in-run overhead (s) | in-run % | direct wall (s) "
+          "| paired overhead % |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {args.profile} | {produce:.1f} | {results['flow']:.1f} | {in_run:.1f} | {100 * in_run / produce:.1f} | "
           f"{results['direct']:.1f} | {100 * paired / results['direct']:.1f} |")

@@ -59,14 +59,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from kd_core.stages import common, glue
-from kd_core.stages.common import StageIO
 from kd_core.config import LayerMapping, PipelineConfig, PruneConfig, StudentConfig, TaskDistillSection, TaskSection, TrainConfig
 from kd_core.data.features import encode_examples
 from kd_core.data.tasks import get_task
 from kd_core.models.adaptors import ModelAdaptor
 from kd_core.models.registry import load_tokenizer
 from kd_core.models.student import build_student
+from kd_core.stages import common, glue
+from kd_core.stages.common import StageIO
 from kd_core.train.data import DataPosition, GlobalBatchPlan, pad_batch
 from kd_core.train.objective import expand_recipe, term_name
 from kd_core.train.trainer import _param_groups
@@ -628,7 +628,8 @@ def write_report(args, out, spec, device, s_shape, t_shape, rows, results, metri
         f"prediction ours {first_p['ours']:.6f} vs TextBrewer {first_p['textbrewer']:.6f} (rel. diff {first_p['rel_diff']:.1e}).",
         f"- Largest per-step relative loss difference over all steps: intermediate "
         f"{checks['intermediate_max_rel_diff_all_steps']:.1e}, prediction {checks['prediction_max_rel_diff_all_steps']:.1e}"
-        + (" (matched mode: the two optimise the same thing, so only float noise should separate them)." if args.textbrewer_mode == "matched"
+        + (" (matched mode: the two optimise the same thing, so only float noise should separate them)."
+           if args.textbrewer_mode == "matched"
            else " (stock mode: TextBrewer learns one projection per match and clips the student only, so they part after step 1)."),
         f"- {CLAMP_NOTE}",
     ]

@@ -18,8 +18,8 @@ console = Console()
 
 
 def _register_command_modules() -> None:
-    from flows.commands import augment, data, pipeline
-    from flows.commands import bench, report as report_command
+    from flows.commands import augment, bench, data, pipeline
+    from flows.commands import report as report_command
 
     for module in (data, augment, pipeline, report_command, bench):
         module.register(app)

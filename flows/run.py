@@ -13,7 +13,6 @@ from flows.profiles import load_profile
 from kd_core.artifacts import Artifact
 from kd_core.models.registry import kd_home
 from kd_core.stop import STOP_REQUESTED, StopRequested
-
 from tasks.runtime import RunContext, StageFailed, close_abandoned_runs, first_failure, process_tags, stage_task
 from tasks.stages import dag_for
 from tasks.tracking import flatten, log_markdown, setup_tracking, tracking_uri

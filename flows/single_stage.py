@@ -74,7 +74,8 @@ def expand_stage_name(name: str, stages: list[str]) -> list[str]:
 
 
 @flow(name="kd-stage", description="Rerun one stage from cached inputs (like `kd stage`).", log_prints=True)
-def single_stage(stage: str, profile: ProfileName = "smoke", overrides: dict[str, Any] | None = None, flow_name: FlowName = "tinybert-full") -> list[str]:
+def single_stage(stage: str, profile: ProfileName = "smoke", overrides: dict[str, Any] | None = None,
+                 flow_name: FlowName = "tinybert-full") -> list[str]:
     """Run ``stage`` (both steps for task_distill) of ``flow_name`` on the inputs in the store, forced.
 
     Args:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib as _hashlib
+import json as _json
 import os
 import shutil
+import time as _time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass as _dataclass
 from pathlib import Path
+from typing import Any as _Any
+from typing import Callable as _Callable
 
 
 @contextmanager
@@ -36,12 +42,6 @@ def atomic_dir(target: str | Path, overwrite: bool = False):
 
 
 # ---- content-addressed store ---------------------------------------------------------------
-import hashlib as _hashlib
-import json as _json
-import time as _time
-from dataclasses import dataclass as _dataclass
-from typing import Any as _Any, Callable as _Callable
-
 MANIFEST = "manifest.json"
 _CODE_VERSION: str | None = None
 

@@ -6,8 +6,8 @@ field and the fix, because these configs are written by hand.
 
 from __future__ import annotations
 
-from pathlib import Path
 import difflib
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -363,7 +363,8 @@ class MetaKDSection(StrictModel):
         "first", description="first: one teacher per (fraction, target), trained with seeds[0]; each: one per seed"
     )
     teacher_train: TrainConfig | None = Field(None, description="every teacher's training; null: finetune_teacher.train")
-    teacher_epochs: float | None = Field(1.0, gt=0, description="teacher steps = ceil(epochs x rows / batch); null: the train config's max_steps")
+    teacher_epochs: float | None = Field(
+        1.0, gt=0, description="teacher steps = ceil(epochs x rows / batch); null: the train config's max_steps")
     teacher_min_steps: int = Field(1, ge=1, description="floor on teacher steps (few-shot single-domain teachers)")
     alpha: float = Field(0.5, ge=0, le=1, description="Eq. 2: weight of the own-domain prototype in the prototype score")
     gamma1: float = Field(0.5, ge=0, description="weight of the meta-teacher's domain-corruption loss")

@@ -261,7 +261,8 @@ def markdown(title: str, summary: pd.DataFrame, view: pd.DataFrame, notes: list[
         lines += [
             f"## {first['task']} · {split} ({int(first['rows'])} rows)",
             "",
-            "| model | score | metrics | retention % | params (M) | size (MB) | latency p50 (ms) | throughput (seq/s) | speed-up | FLOP ratio |",
+            "| model | score | metrics | retention % | params (M) | size (MB) | latency p50 (ms) | throughput (seq/s) | speed-up "
+            "| FLOP ratio |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in table.itertuples():
@@ -274,7 +275,8 @@ def markdown(title: str, summary: pd.DataFrame, view: pd.DataFrame, notes: list[
     lines += [
         f"Retention is the score as % of the {reference}'s; speed-up is throughput over the {reference}'s and the "
         f"FLOP ratio ({reference} FLOPs / model FLOPs per sequence) its physical bound.",
-        f"Benchmark: {cells.variant} on {ref['device']} ({ref['dtype']}), {int(ref['threads'])} thread{'s' if int(ref['threads']) != 1 else ''}; throughput at "
+        f"Benchmark: {cells.variant} on {ref['device']} ({ref['dtype']}), "
+        f"{int(ref['threads'])} thread{'s' if int(ref['threads']) != 1 else ''}; throughput at "
         f"batch {cells.batch_size} x seq {cells.seq_len}; latency p50 at "
         + (f"{cells.latency_label} x seq {cells.seq_len}." if (view["latency_source"] == cells.latency_label).all()
            else f"seq {cells.seq_len}, measured at {cells.latency_label} where the benchmark has it (see the notes)."),
@@ -282,7 +284,8 @@ def markdown(title: str, summary: pd.DataFrame, view: pd.DataFrame, notes: list[
         "",
         "![score against latency](pareto.png)",
         "",
-        "Loss curves per training stage: " + (", ".join(f"{s} ({int(h['step'].max()) if len(h) else 0} steps)" for s, h in histories.items()) or "none"),
+        "Loss curves per training stage: "
+        + (", ".join(f"{s} ({int(h['step'].max()) if len(h) else 0} steps)" for s, h in histories.items()) or "none"),
         "",
         "![loss curves](loss_curves.png)",
     ]

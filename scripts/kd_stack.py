@@ -328,7 +328,8 @@ def serve(args) -> int:
         prefect = prefect_server(prefect_port, home / "prefect", logs / "prefect-server.log", auth=auth).start()
         services.append(prefect)
         bootstrap_store(home)  # while the Prefect server starts
-        mlflow = mlflow_server(mlflow_port, sqlite_store(home), home / "mlartifacts", logs / "mlflow-server.log", args.mlflow_workers).start()
+        mlflow = mlflow_server(mlflow_port, sqlite_store(home), home / "mlartifacts", logs / "mlflow-server.log",
+                               args.mlflow_workers).start()
         services.append(mlflow)
         wait_http(f"{api_url}/health", prefect, args.timeout, "Prefect server", auth=auth)
         wait_http(f"{tracking}/health", mlflow, args.timeout, "MLflow server")

@@ -22,8 +22,7 @@ from prefect.states import Completed
 from kd_core.artifacts import Artifact, ArtifactStore
 from kd_core.config import PipelineConfig
 from kd_core.stages.common import StageIO
-from kd_core.stop import STOP_REQUESTED, StopRequested, check_stop, stoppable
-from kd_core.stop import TrainingInterrupted
+from kd_core.stop import STOP_REQUESTED, StopRequested, TrainingInterrupted, check_stop, stoppable
 from tasks.stages import dag_for, stage_matches
 from tasks.tracking import (
     StepMetricsLogger,

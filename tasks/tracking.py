@@ -79,9 +79,9 @@ class StepMetricsLogger:
         self.flushed_at = time.monotonic()
 
     def on_step(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
         import time
+
+        from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         for name, value in metrics.items():

@@ -5,15 +5,14 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import data_dir, tiny_bert
+from test_trainer import _objective
 
 from kd_core.config import StudentConfig, TrainConfig
 from kd_core.data.corpus import iter_documents, pack_token_blocks
 from kd_core.models.registry import load_tokenizer
 from kd_core.models.student import build_student
 from kd_core.train.trainer import DistillTrainer
-
-from conftest import data_dir, tiny_bert
-from test_trainer import _objective
 
 
 class Recorder:

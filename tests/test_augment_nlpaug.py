@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 
 from kd_core.augment import AugmentConfig, AugmentError, load_word_vectors, make_augmenter
 

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_bert
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig
 from typer.testing import CliRunner
 
-from conftest import tiny_bert
 from kd_core.bench import (
     COLUMNS,
     VARIANTS,

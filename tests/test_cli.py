@@ -1,11 +1,10 @@
 import json
 
-from typer.testing import CliRunner
+from conftest import tiny_bert
 from transformers import AutoModel
+from typer.testing import CliRunner
 
 from flows.cli import app
-
-from conftest import tiny_bert
 
 runner = CliRunner()
 

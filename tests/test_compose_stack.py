@@ -3,8 +3,8 @@ REST API, a cached second run, and postgres keeping its data across down/up.
 
 It runs when a Docker daemon answers and the stack's images exist (``make compose-up`` builds
 them), and is skipped with the reason otherwise; it rebuilds them first (from the layer cache).
-``make compose-test`` (KD_COMPOSE_TEST=1) also starts the daemon and builds what is missing. It brings up its own compose project with its own
-credentials and volumes, and removes them (and a daemon it started) when it is done.
+``make compose-test`` (KD_COMPOSE_TEST=1) also starts the daemon and builds what is missing. It brings up its own
+compose project with its own credentials and volumes, and removes them (and a daemon it started) when it is done.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-
 from test_pipeline import STAGE_NAMES, stage_states
 from test_servers import mlflow_runs, parent_and_stages, run_deployment, tags, wait_flow_run
 

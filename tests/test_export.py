@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_bert
 
 pytest.importorskip("onnxruntime", reason="the export needs the bench extra: pip install -e '.[bench]'")

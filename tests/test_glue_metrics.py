@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_bert
 
 from kd_core.data.tasks import get_task
 from kd_core.evaluate.glue import (
@@ -23,7 +24,6 @@ from kd_core.evaluate.glue import (
     primary_score,
     spearman,
 )
-from conftest import tiny_bert
 
 # ---- metrics by hand ---------------------------------------------------------------------------
 PRED = np.array([1, 0, 1, 1, 0])

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import tiny_bert
+
 from kd_core.losses import attention_mse, hidden_mse, soft_cross_entropy
 from kd_core.metakd.core import (
     DomainCorruptionHead,
@@ -236,7 +236,8 @@ def test_prediction_objective_weighs_cached_logits_by_lambda():
 
 # ---- few-shot data ---------------------------------------------------------------------------
 def _rows(n, offset=0):
-    return pd.DataFrame({"idx": range(n), "text_a": [f"review {offset + i}" for i in range(n)], "label": [i % 4 == 0 for i in range(n)]}).astype({"label": int})
+    frame = pd.DataFrame({"idx": range(n), "text_a": [f"review {offset + i}" for i in range(n)], "label": [i % 4 == 0 for i in range(n)]})
+    return frame.astype({"label": int})
 
 
 def test_subsample_is_stratified_and_seeded():

@@ -465,11 +465,11 @@ def test_the_export_stage_writes_checked_onnx_forms_and_registers_each(first_run
     import mlflow
     import onnxruntime as ort
     from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForSequenceClassification
 
     from kd_core.data.features import encode_examples
     from kd_core.export import batched_logits, eager_predict, onnx_predict
     from kd_core.models.registry import load_tokenizer
-    from transformers import AutoModelForSequenceClassification
 
     run_flow()  # earlier tests recompute benchmark alone (kd stage), which leaves the report to redo
     result, _, flow_run_id = run_flow(overrides={"export.enabled": True})
@@ -481,7 +481,8 @@ def test_the_export_stage_writes_checked_onnx_forms_and_registers_each(first_run
     inputs = json.loads((exported / "manifest.json").read_text())["inputs"]
     student, task = Path(inputs["task_distill_prediction"]["path"]), Path(inputs["prepare_task"]["path"])
     (evaluated,) = [a for a in artifacts(kd_home, "evaluate")
-                    if json.loads((a / "manifest.json").read_text())["inputs"].get("task_distill_prediction", {}).get("key") == student.name]
+                    if json.loads((a / "manifest.json").read_text())["inputs"].get("task_distill_prediction", {}).get("key")
+                    == student.name]
     scores = pd.read_parquet(evaluated / "metrics.parquet").set_index("model")["score"]
     assert frame.loc["eager", "score"] == pytest.approx(scores["student"])
     assert frame.loc["onnx", "score"] == pytest.approx(scores["student"])

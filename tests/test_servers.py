@@ -11,7 +11,6 @@ a process worker on the kd-cpu pool. Everything is stopped in teardown, and the 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 import signal
@@ -248,7 +247,8 @@ def test_deployment_run_completes_and_mlflow_has_the_runs(stack):
     assert any(key.startswith("loss") for key in losses), losses
 
     # the report reached the parent run's artifacts, served by the MLflow server
-    listing = kd_stack.http_json(f"{tracking}/api/2.0/mlflow/artifacts/list?" + urllib.parse.urlencode({"run_id": parent["info"]["run_id"]}))
+    query = urllib.parse.urlencode({"run_id": parent["info"]["run_id"]})
+    listing = kd_stack.http_json(f"{tracking}/api/2.0/mlflow/artifacts/list?" + query)
     assert {"report.md", "report.html"} <= {f["path"] for f in listing.get("files", [])}
     assert list((stack["home"] / "mlartifacts").rglob("report.md")), "artifacts land under $KD_HOME/mlartifacts"
 

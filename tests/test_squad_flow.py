@@ -119,10 +119,10 @@ def test_v2_evaluation_tunes_the_no_answer_threshold(tmp_path, kd_data_dir, toke
     import torch
     from transformers import BertConfig, BertForQuestionAnswering
 
-    from kd_core.stages import qa
-    from kd_core.stages.common import StageIO
     from kd_core.config import PipelineConfig
     from kd_core.data.loaders import load_split, write_split
+    from kd_core.stages import qa
+    from kd_core.stages.common import StageIO
 
     dev = load_split("squad", kd_data_dir, "dev")
     first, other = dev["title"].unique()[:2]

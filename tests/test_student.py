@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import tiny_bert
 
 from kd_core.config import StudentConfig
 from kd_core.models.student import (
@@ -9,8 +10,6 @@ from kd_core.models.student import (
     check_tokenizer_match,
     default_init_layers,
 )
-
-from conftest import tiny_bert
 
 
 def test_random_student_has_the_requested_shape_and_teacher_vocab():

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_bert
 
-from kd_core.config import LayerMapping, MatchSpec, StudentConfig, TrainConfig
+from kd_core.config import LayerMapping, StudentConfig, TrainConfig
 from kd_core.models.student import build_student
+from kd_core.stop import STOP_REQUESTED
 from kd_core.train.data import DataPosition, GlobalBatchPlan
 from kd_core.train.objective import ModelShape, Objective, expand_recipe
-from kd_core.stop import STOP_REQUESTED
 from kd_core.train.trainer import CheckpointMismatchError, DistillTrainer, NonFiniteLossError, TrainingInterrupted
-
-from conftest import tiny_bert
 
 HERE = Path(__file__).resolve().parent
 

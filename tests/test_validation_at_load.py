@@ -46,7 +46,8 @@ def test_typos_fail_when_the_config_loads_naming_the_p_key(override, expected):
 
 
 def test_an_unknown_force_stage_fails_with_the_stage_names(data_env):
-    with pytest.raises(ConfigError, match=r"-p force: unknown stage 'task_distil' for tinybert-full; its stages: .*task_distill_intermediate"):
+    expected = r"-p force: unknown stage 'task_distil' for tinybert-full; its stages: .*task_distill_intermediate"
+    with pytest.raises(ConfigError, match=expected):
         _dag(force=["task_distil"])
     assert "task_distill_prediction" in _dag(force=["task_distill"])  # a prefix of real stages is fine
 
@@ -68,7 +69,8 @@ def test_a_checkpoint_of_another_shape_fails_naming_both(data_env, tmp_path, tok
 
     checkpoint = tmp_path / "ckpt"
     tiny_bert(layers=4, hidden=64, heads=4, intermediate=128).save_pretrained(checkpoint)
-    with pytest.raises(ValueError, match=r"student.checkpoint .*ckpt is 4x64 \(4 heads, FFN 128\), but student.\* asks for 2x32 \(4 heads, FFN 64\)"):
+    expected = r"student.checkpoint .*ckpt is 4x64 \(4 heads, FFN 128\), but student.\* asks for 2x32 \(4 heads, FFN 64\)"
+    with pytest.raises(ValueError, match=expected):
         _dag({"student.init": "checkpoint", "student.checkpoint": str(checkpoint)})
 
 

@@ -1,5 +1,6 @@
 """Extra statistics over the meta-kd report's scores.parquet: collapsed runs and robust averages."""
 import sys
+
 import pandas as pd
 
 scores = pd.read_parquet(sys.argv[1])

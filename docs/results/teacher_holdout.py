@@ -16,9 +16,9 @@ from pathlib import Path
 
 from flows.profiles import load_profile
 from flows.single_stage import resolve_inputs
-from kd_core.stages.glue import evaluate_models
 from kd_core.config import parse_override
 from kd_core.models.registry import kd_home
+from kd_core.stages.glue import evaluate_models
 from tasks.runtime import RunContext, stage_key
 
 

@@ -18,7 +18,8 @@ def _fail(message: str) -> None:
 
 
 def prepare_task_command(
-    task: str = typer.Option(..., help="task name: sst2, cola, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli, squad, squad_v2, amazon-<domain>"),
+    task: str = typer.Option(
+        ..., help="task name: sst2, cola, mrpc, stsb, qqp, mnli, mnli-mm, qnli, rte, wnli, squad, squad_v2, amazon-<domain>"),
     data_dir: Optional[str] = typer.Option(
         None, help="data folder (GLUE TSV, HF export, SQuAD JSON, Amazon TSV or Parquet), 'hub' for the 🤗 hub; default $KD_DATA_DIR"
     ),

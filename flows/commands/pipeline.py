@@ -50,14 +50,14 @@ def register(app: typer.Typer) -> None:
     def run(
         flow_name: str = typer.Argument(..., help=flows_help),
         profile: str = typer.Option("smoke", help=profiles_help),
-        param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="key=value override, e.g. task.train_limit=500 or force='[\"augment\"]'"),
+        param: Optional[List[str]] = typer.Option(
+            None, "--param", "-p", help="key=value override, e.g. task.train_limit=500 or force='[\"augment\"]'"),
     ):
         """Run a pipeline flow in-process (ephemeral Prefect, MLflow on sqlite by default)."""
-        from kd_core.errors import UserError
+        from flows.ephemeral import start_early
         from flows.profiles import load_profile
         from flows.registry import FLOW_NAMES, get_flow
-
-        from flows.ephemeral import start_early
+        from kd_core.errors import UserError
 
         server = None
         try:
@@ -93,9 +93,9 @@ def register(app: typer.Typer) -> None:
         param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="key=value override"),
     ):
         """Rerun one stage on the inputs already in the artifact store."""
-        from kd_core.errors import UserError
         from flows.ephemeral import start_early
         from flows.profiles import load_profile
+        from kd_core.errors import UserError
 
         server = None
         try:

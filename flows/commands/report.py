@@ -42,7 +42,6 @@ def _artifact_names(client, run_id: str) -> set[str]:
 
 def _download(run_id: str, name: str) -> "pd.DataFrame":
     import pandas as pd
-
     from mlflow.artifacts import download_artifacts
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,7 +199,8 @@ def print_comparison(runs: list[FlowRunSummary]) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("report")
     def report(
-        runs: List[str] = typer.Argument(..., help="MLflow parent run ids printed by `kd run`, or their first 8 characters (one or more)", show_default=False),
+        runs: List[str] = typer.Argument(
+            ..., help="MLflow parent run ids printed by `kd run`, or their first 8 characters (one or more)", show_default=False),
         _runs_flag: bool = typer.Option(False, "--runs", help="marks the run ids that follow (kd report --runs A B)"),
         out: Optional[Path] = typer.Option(None, help="also write the comparison as markdown here"),
     ):

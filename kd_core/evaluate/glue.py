@@ -18,9 +18,9 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-from kd_core.train.data import pad_batch
 from kd_core.errors import UserError
 from kd_core.stop import check_stop
+from kd_core.train.data import pad_batch
 
 
 class LabelOrderError(UserError, ValueError):

@@ -97,7 +97,7 @@ def metakd_report(cfg: PipelineConfig, student_evals: Sequence[tuple], teacher_e
             lines.append(f"| {domain} | " + " | ".join(cells) + " |")
         averaged = _seed_averaged(full)
         cells = [_cell(averaged[(averaged.role == r) & (averaged.method == m)]["score"]) for r, m, _ in columns]
-        lines += [f"| **mean** | " + " | ".join(cells) + " |", ""]
+        lines += ["| **mean** | " + " | ".join(cells) + " |", ""]
 
     averaged = _seed_averaged(scores)
     lines += ["## Few-shot: target-domain fraction, averaged over target domains", "",

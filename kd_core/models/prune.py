@@ -34,9 +34,9 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from kd_core.errors import UserError
 from kd_core.models.adaptors import ModelAdaptor, _get_path
 from kd_core.models.student import default_init_layers, teacher_sizes
-from kd_core.errors import UserError
 
 __all__ = ["PRUNABLE_MODEL_TYPES", "PruneError", "ImportanceScores", "PrunePlan", "collect_importance",
            "plan_pruning", "apply_plan", "prune_model", "check_prunable"]

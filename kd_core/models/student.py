@@ -16,9 +16,9 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
 from kd_core.config import StudentConfig
+from kd_core.errors import UserError
 from kd_core.models.adaptors import ModelAdaptor
 from kd_core.models.registry import HEADS, load_model
-from kd_core.errors import UserError
 
 
 class VocabMismatchError(UserError, ValueError):

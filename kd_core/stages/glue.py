@@ -74,10 +74,10 @@ def distill_on_corpus(
     """General (task-agnostic) distillation of a student from any teacher on corpus blocks."""
     import torch
 
+    from kd_core.data.corpus import load_corpus_blocks
     from kd_core.models.student import build_student, init_layers_of, init_projections_from_channels
     from kd_core.train.objective import Objective
     from kd_core.train.trainer import DistillTrainer
-    from kd_core.data.corpus import load_corpus_blocks
 
     tokenizer = load_tokenizer(teacher_source)
     teacher = load_model(teacher_source)
@@ -187,9 +187,9 @@ def finetune(
     """Supervised fine-tuning on the task's train rows (the trainer with a hard-label objective)."""
     import torch
 
+    from kd_core.data.tasks import get_task
     from kd_core.train.objective import Objective
     from kd_core.train.trainer import DistillTrainer
-    from kd_core.data.tasks import get_task
 
     spec = get_task(cfg.task.name)
     tokenizer = load_tokenizer(model_source)
@@ -259,8 +259,8 @@ def prune_finetuned(cfg: PipelineConfig, io: StageIO) -> dict:
     """The student cut out of the fine-tuned teacher, head included, by importance on task train
     rows (CoFi / Extract-Then-Distill style: task distillation follows, without general distillation).
     Inputs: ``teacher``, ``task``."""
-    from kd_core.models.student import build_student, init_layers_of
     from kd_core.data.tasks import get_task
+    from kd_core.models.student import build_student, init_layers_of
 
     spec = get_task(cfg.task.name)
     out = io.out
@@ -304,10 +304,10 @@ def distill_on_task(cfg: PipelineConfig, io: StageIO, *, train: TrainConfig, rec
     the train rows of input ``data_role``."""
     import torch
 
+    from kd_core.data.tasks import get_task
     from kd_core.models.student import init_layers_of, init_projections_from_channels
     from kd_core.train.objective import Objective
     from kd_core.train.trainer import DistillTrainer
-    from kd_core.data.tasks import get_task
 
     spec = get_task(cfg.task.name)
     teacher_dir, student_dir = io["teacher"], io["student"]

@@ -33,15 +33,15 @@ from kd_core.metakd.objectives import (
     DomainBatchTrainer,
     MetaDistillObjective,
     MetaTeacherObjective,
-    WeightedDistillObjective,
     PredictionObjective,
+    WeightedDistillObjective,
     attach_rows,
     encode_content,
     tinybert_intermediate_matches,
 )
+from kd_core.metakd.report import STUDENT_METHODS, TEACHER_KINDS, metakd_report, teacher_base_config
 from kd_core.models.registry import load_model, load_tokenizer
 from kd_core.models.student import build_student
-from kd_core.metakd.report import STUDENT_METHODS, TEACHER_KINDS, metakd_report, teacher_base_config
 from kd_core.stages.common import (
     MODEL_SUBDIR,
     StageInputError,
@@ -336,7 +336,8 @@ def distill_student(
         "method": method, "rows": len(rows), "seed": seed, "world_size": prediction.accelerator.num_processes,
         "intermediate_steps": first.steps, "prediction_steps": second.steps,
         "intermediate_final_loss": first.final_loss, "prediction_final_loss": second.final_loss,
-        "train_seconds": round(seconds, 3), "sequences_per_second": round((first.sequences + second.sequences) / seconds, 3) if seconds else 0.0,
+        "train_seconds": round(seconds, 3),
+        "sequences_per_second": round((first.sequences + second.sequences) / seconds, 3) if seconds else 0.0,
         "student_params": sum(p.numel() for p in student.parameters()),
     }
 

@@ -13,9 +13,19 @@ from torch import nn
 
 from kd_core.config import MatchSpec
 from kd_core.losses import get_loss
-from kd_core.train.recipes import HEADED_FEATURES, HIDDEN_FEATURES, OUTPUT_FEATURES, MappingError, ModelShape
+
 # re-exported: callers import the recipe names from the objective too
-from kd_core.train.recipes import RECIPES, expand_recipe, map_layers, term_name  # noqa: F401
+from kd_core.train.recipes import (  # noqa: F401
+    HEADED_FEATURES,
+    HIDDEN_FEATURES,
+    OUTPUT_FEATURES,
+    RECIPES,
+    MappingError,
+    ModelShape,
+    expand_recipe,
+    map_layers,
+    term_name,
+)
 
 
 class Objective(nn.Module):

@@ -28,11 +28,11 @@ from transformers import get_linear_schedule_with_warmup
 
 from kd_core.artifacts import atomic_dir
 from kd_core.config import TrainConfig
+from kd_core.errors import UserError
 from kd_core.models.adaptors import ModelAdaptor
+from kd_core.stop import STOP_REQUESTED, StopRequested, TrainingInterrupted, stoppable  # noqa: F401 - re-exported
 from kd_core.train.data import DataPosition, GlobalBatchPlan, pad_batch
 from kd_core.train.objective import Objective
-from kd_core.errors import UserError
-from kd_core.stop import STOP_REQUESTED, StopRequested, TrainingInterrupted, stoppable  # noqa: F401 - re-exported
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
