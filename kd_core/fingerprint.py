@@ -8,8 +8,9 @@ statically in the import graph at the level of top-level definitions:
   function or class;
 * a function depends on its module's body, on every kd_core name it uses (defined in its module,
   imported at module level, or imported inside the function) and on what those depend on;
-* a module body depends on its package's ``__init__`` bodies, on the modules it imports and on the
-  names its own statements use (a registry table's functions);
+* a module body depends on its package's ``__init__`` bodies, on the modules it imports, on the
+  names its own statements use (a table's functions) and on its decorated definitions (a
+  decorator runs on import and may register the function: ``@register_loss``, ``@recipe``);
 * ``from pkg import name`` that ``pkg.__getattr__`` serves (a lazy package) depends on that
   ``__getattr__``.
 
@@ -168,6 +169,8 @@ class Analyzer:
             if parent:
                 deps.add((parent, None))  # importing a.b.c runs a and a.b first
             deps.update((target[0], None) for target in info.bindings.values())
+            # a decorator runs on import and may keep the function (a registry's @register_loss)
+            deps.update((module, n) for n, node in info.defs.items() if node.decorator_list)
             nodes, local = info.body, {}
         else:
             deps.add((module, None))

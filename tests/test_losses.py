@@ -613,3 +613,18 @@ def test_label_and_logit_registry_entries_match_numpy():
     assert got.item() == pytest.approx(((predictions - teacher) ** 2).mean(), abs=1e-6)
     with pytest.raises(ValueError, match="differ"):
         LOSSES["logits_mse"](torch.zeros(5, 1), torch.zeros(5, 2))
+
+
+def test_losses_and_recipes_register_themselves_once():
+    """Each loss and recipe registers with a decorator beside its definition; a second
+    registration under a taken name fails instead of replacing the first silently."""
+    from kd_core.losses.registry import LOSSES, register_loss
+    from kd_core.train.recipes import RECIPES, recipe
+
+    assert LOSSES["hidden_mse"].accepts_projection and LOSSES["hard_cross_entropy"].uses_labels
+    assert LOSSES["hidden_mse"].fn.__name__ == "_hidden_mse" and RECIPES["minilm"].__name__ == "_recipe_minilm"
+    with pytest.raises(ValueError, match="loss 'hidden_mse' is registered twice"):
+        register_loss("hidden_mse")(lambda s, t, attention_mask=None: s)
+    with pytest.raises(ValueError, match="recipe 'minilm' is registered twice"):
+        recipe("minilm")(lambda mapped, params: [])
+    assert LOSSES["hidden_mse"].fn.__name__ == "_hidden_mse"  # the first stays

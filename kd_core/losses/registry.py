@@ -21,7 +21,7 @@ from .minilm import minilm_attention_kl, minilm_value_relation_kl, minilmv2_rela
 from .qa import qa_hard_cross_entropy, qa_soft_cross_entropy
 from .tinybert import attention_mse, hidden_mse, soft_cross_entropy
 
-__all__ = ["LossSpec", "LOSSES", "get_loss"]
+__all__ = ["LossSpec", "LOSSES", "get_loss", "register_loss"]
 
 
 @dataclass(frozen=True)
@@ -52,17 +52,34 @@ class LossSpec:
         return self.fn(student_feature, teacher_feature, attention_mask, **params)
 
 
-# Adapters are module-level functions (not lambdas) so specs stay picklable.
+LOSSES: dict[str, LossSpec] = {}
 
 
+def register_loss(name: str, **flags: bool):
+    """Registers the decorated ``fn(student, teacher, attention_mask=None, **params)`` as loss
+    ``name`` (``flags``: the :class:`LossSpec` switches); a config's ``loss:`` may then name it."""
+    def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} is registered twice")
+        LOSSES[name] = LossSpec(name, fn, **flags)
+        return fn
+    return register
+
+
+# Adapters are module-level functions (not lambdas) so specs stay picklable; each registers itself.
+
+
+@register_loss("attention_mse", per_example=True)
 def _attention_mse(student, teacher, attention_mask=None, *, reduction="mean"):
     return attention_mse(student, teacher, attention_mask, reduction=reduction)
 
 
+@register_loss("hidden_mse", accepts_projection=True, per_example=True)
 def _hidden_mse(student, teacher, attention_mask=None, *, projection=None, reduction="mean"):
     return hidden_mse(student, teacher, projection=projection, attention_mask=attention_mask, reduction=reduction)
 
 
+@register_loss("soft_cross_entropy", per_example=True)
 def _soft_cross_entropy(student, teacher, attention_mask=None, *, temperature=1.0, reduction="mean"):
     if reduction == "none" and student.dim() != 2:
         raise ValueError("soft_cross_entropy: per-example values need sequence-level [B, C] logits")
@@ -71,34 +88,42 @@ def _soft_cross_entropy(student, teacher, attention_mask=None, *, temperature=1.
     return soft_cross_entropy(student, teacher, temperature, reduction=reduction)
 
 
+@register_loss("minilm_attention_kl")
 def _minilm_attention_kl(student, teacher, attention_mask=None):
     return minilm_attention_kl(student, teacher, attention_mask)
 
 
+@register_loss("minilm_value_relation_kl")
 def _minilm_value_relation_kl(student, teacher, attention_mask=None):
     return minilm_value_relation_kl(student, teacher, attention_mask)
 
 
+@register_loss("minilmv2_relation_kl")
 def _minilmv2_relation_kl(student, teacher, attention_mask=None, *, num_relation_heads):
     return minilmv2_relation_kl(student, teacher, num_relation_heads, attention_mask)
 
 
+@register_loss("cosine")
 def _cosine(student, teacher, attention_mask=None):
     return cosine_embedding_loss(student, teacher, attention_mask)
 
 
+@register_loss("kl_div")
 def _kl_div(student, teacher, attention_mask=None, *, temperature=1.0):
     return kl_divergence_loss(student, teacher, temperature, attention_mask)
 
 
+@register_loss("hard_cross_entropy", uses_labels=True)
 def _hard_cross_entropy(student, labels, attention_mask=None):
     return hard_cross_entropy(student, labels)
 
 
+@register_loss("regression_mse", uses_labels=True)
 def _regression_mse(student, labels, attention_mask=None):
     return regression_mse(student, labels)
 
 
+@register_loss("logits_mse")
 def _logits_mse(student, teacher, attention_mask=None):
     # TinyBERT's prediction-layer loss for regression tasks (STS-B): MSE between the outputs.
     if student.shape != teacher.shape:
@@ -106,32 +131,14 @@ def _logits_mse(student, teacher, attention_mask=None):
     return ((student.float() - teacher.float()) ** 2).mean()
 
 
+@register_loss("qa_soft_cross_entropy")
 def _qa_soft_cross_entropy(student, teacher, attention_mask=None, *, temperature=1.0):
     return qa_soft_cross_entropy(student, teacher, attention_mask, temperature)
 
 
+@register_loss("qa_hard_cross_entropy", uses_labels=True)
 def _qa_hard_cross_entropy(student, positions, attention_mask=None):
     return qa_hard_cross_entropy(student, positions, attention_mask)
-
-
-LOSSES: dict[str, LossSpec] = {
-    spec.name: spec
-    for spec in (
-        LossSpec("attention_mse", _attention_mse, per_example=True),
-        LossSpec("hidden_mse", _hidden_mse, accepts_projection=True, per_example=True),
-        LossSpec("soft_cross_entropy", _soft_cross_entropy, per_example=True),
-        LossSpec("minilm_attention_kl", _minilm_attention_kl),
-        LossSpec("minilm_value_relation_kl", _minilm_value_relation_kl),
-        LossSpec("minilmv2_relation_kl", _minilmv2_relation_kl),
-        LossSpec("cosine", _cosine),
-        LossSpec("kl_div", _kl_div),
-        LossSpec("logits_mse", _logits_mse),
-        LossSpec("hard_cross_entropy", _hard_cross_entropy, uses_labels=True),
-        LossSpec("regression_mse", _regression_mse, uses_labels=True),
-        LossSpec("qa_soft_cross_entropy", _qa_soft_cross_entropy),
-        LossSpec("qa_hard_cross_entropy", _qa_hard_cross_entropy, uses_labels=True),
-    )
-}
 
 
 def get_loss(name: str) -> LossSpec:

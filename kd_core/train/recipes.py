@@ -56,6 +56,20 @@ def map_layers(mapping: LayerMapping, student_layers: int, teacher_layers: int,
     return layers
 
 
+RECIPES: dict = {}  # name -> fn(mapped teacher layers, params) -> [MatchSpec]
+
+
+def recipe(name: str):
+    """Registers the decorated ``fn(mapped, params) -> list[MatchSpec]`` as recipe ``name``."""
+    def register(fn):
+        if name in RECIPES:
+            raise ValueError(f"recipe {name!r} is registered twice")
+        RECIPES[name] = fn
+        return fn
+    return register
+
+
+@recipe("tinybert_intermediate")
 def _recipe_tinybert_intermediate(mapped: list[int], params: dict) -> list[MatchSpec]:
     specs = [MatchSpec(feature="embeddings", loss="hidden_mse", student_layer=0, teacher_layer=0, projection="W_e")]
     for m, g in enumerate(mapped, start=1):
@@ -64,6 +78,7 @@ def _recipe_tinybert_intermediate(mapped: list[int], params: dict) -> list[Match
     return specs
 
 
+@recipe("tinybert_prediction")
 def _recipe_tinybert_prediction(mapped: list[int], params: dict) -> list[MatchSpec]:
     if params.get("regression"):  # TinyBERT uses MSE between outputs for regression tasks
         return [MatchSpec(feature="logits", loss="logits_mse")]
@@ -71,6 +86,7 @@ def _recipe_tinybert_prediction(mapped: list[int], params: dict) -> list[MatchSp
     return [MatchSpec(feature="logits", loss="soft_cross_entropy", params={"temperature": temperature})]
 
 
+@recipe("minilm")
 def _recipe_minilm(mapped: list[int], params: dict) -> list[MatchSpec]:
     # MiniLM §3.1: only the last student layer, against the last teacher layer (or a chosen one).
     student_last = len(mapped)
@@ -81,6 +97,7 @@ def _recipe_minilm(mapped: list[int], params: dict) -> list[MatchSpec]:
     ]
 
 
+@recipe("minilmv2")
 def _recipe_minilmv2(mapped: list[int], params: dict) -> list[MatchSpec]:
     student_last = len(mapped)
     teacher_layer = params.get("teacher_layer", mapped[-1])
@@ -99,6 +116,7 @@ def _recipe_minilmv2(mapped: list[int], params: dict) -> list[MatchSpec]:
     ]
 
 
+@recipe("finetune")
 def _recipe_finetune(mapped: list[int], params: dict) -> list[MatchSpec]:
     loss = "regression_mse" if params.get("regression") else "hard_cross_entropy"
     return [MatchSpec(feature="logits", loss=loss)]
@@ -108,6 +126,7 @@ def _last_hidden_cosine(mapped: list[int], weight: float) -> MatchSpec:
     return MatchSpec(feature="hidden", loss="cosine", student_layer=len(mapped), teacher_layer=mapped[-1], weight=weight)
 
 
+@recipe("distilbert")
 def _recipe_distilbert(mapped: list[int], params: dict) -> list[MatchSpec]:
     # DistilBERT: soft targets (KL·T², weight 5) + cosine on the last hidden states (weight 1).
     # Its MLM term needs a teacher MLM head and labels; it lives in the task stages.
@@ -120,17 +139,20 @@ def _recipe_distilbert(mapped: list[int], params: dict) -> list[MatchSpec]:
     return [logits, _last_hidden_cosine(mapped, params.get("alpha_cos", 1.0))]
 
 
+@recipe("distilbert_cosine")
 def _recipe_distilbert_cosine(mapped: list[int], params: dict) -> list[MatchSpec]:
     # The part of DistilBERT's pre-training objective a bare encoder supports: no teacher MLM head
     # exists offline (minilm-l6 is a sentence encoder), so its soft targets come at the task stage.
     return [_last_hidden_cosine(mapped, params.get("alpha_cos", 1.0))]
 
 
+@recipe("qa_finetune")
 def _recipe_qa_finetune(mapped: list[int], params: dict) -> list[MatchSpec]:
     # Extractive QA: start/end cross-entropy against the gold token positions (labels [B, 2]).
     return [MatchSpec(feature="qa_logits", loss="qa_hard_cross_entropy")]
 
 
+@recipe("qa_prediction")
 def _recipe_qa_prediction(mapped: list[int], params: dict) -> list[MatchSpec]:
     # TinyBERT's prediction-layer step for QA: soft CE on the start and end distributions,
     # plus the gold positions when hard_weight > 0.
@@ -140,17 +162,6 @@ def _recipe_qa_prediction(mapped: list[int], params: dict) -> list[MatchSpec]:
     return specs
 
 
-RECIPES = {
-    "tinybert_intermediate": _recipe_tinybert_intermediate,
-    "tinybert_prediction": _recipe_tinybert_prediction,
-    "minilm": _recipe_minilm,
-    "minilmv2": _recipe_minilmv2,
-    "distilbert": _recipe_distilbert,
-    "distilbert_cosine": _recipe_distilbert_cosine,
-    "finetune": _recipe_finetune,
-    "qa_finetune": _recipe_qa_finetune,
-    "qa_prediction": _recipe_qa_prediction,
-}
 
 
 def expand_recipe(
