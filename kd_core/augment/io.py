@@ -18,6 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kd_core.errors import UserError
+
 AUGMENT_KEY = "kd.augment"
 EXTRA_FIELDS = [pa.field("source_idx", pa.int64(), nullable=False), pa.field("aug_id", pa.int64(), nullable=False)]
 
@@ -78,6 +80,10 @@ def read_augmented(path: str | Path):
     return table.replace_schema_metadata(None).to_pandas(), manifest
 
 
+
+class AugmentError(UserError, ValueError):
+    """Bad augmentation input or settings."""
+
 @dataclass
 class AugmentResult:
     path: Path
@@ -92,8 +98,6 @@ def source_columns(frame) -> tuple[list[int], list[str], list[str | None], list]
     """(idx, text_a, text_b, label) of a normalised frame; a missing or NaN text_b is None."""
     missing = [c for c in ("idx", "text_a", "label") if c not in frame.columns]
     if missing:
-        from kd_core.augment.tinybert import AugmentError
-
         raise AugmentError(f"input frame lacks column(s) {missing}; expected idx, text_a, text_b, label")
     text_b = frame["text_b"].tolist() if "text_b" in frame.columns else [None] * len(frame)
     text_b = [None if (b is None or (isinstance(b, float) and b != b)) else b for b in text_b]

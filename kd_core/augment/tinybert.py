@@ -37,11 +37,10 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 
-from kd_core.augment.io import AugmentedRows, source_columns
+from kd_core.augment.io import AugmentedRows, AugmentError, source_columns
 from kd_core.augment.mlm import MaskedLM, MaskRequest
 from kd_core.augment.vectors import NeighbourIndex, WordVectors, load_word_vectors
 from kd_core.augment.words import is_eligible, match_case, split_words
-from kd_core.errors import UserError
 from kd_core.stop import check_stop
 
 logger = logging.getLogger("kd_core.augment")
@@ -57,10 +56,6 @@ RANDOM_HEAD_WARNING = (
     "the masked LM {name!r} has randomly initialised weights ({missing}): its candidates are "
     "noise, useful for timing and tests only. Use a checkpoint with a trained MLM head."
 )
-
-
-class AugmentError(UserError, ValueError):
-    pass
 
 
 @dataclass
