@@ -79,7 +79,8 @@ def main() -> None:
             student = build_student(teacher, cfg.student)
             objective = build_objective(cfg, teacher, student)
             out = args.out / f"t{threads}-{label.replace(' ', '-')}"
-            trainer = DistillTrainer(teacher, student, objective, blocks, cfg.train, out, tokenizer.pad_token_id)
+            trainer = DistillTrainer(teacher, student, objective, examples=blocks, config=cfg.train, output_dir=out,
+                                     pad_token_id=tokenizer.pad_token_id)
             trainer.train(until_step=args.warmup, resume=False)
             timed = trainer.train(resume=False)  # continues in-process from step `warmup`
             fwd = teacher_forward_rate(teacher, blocks, args.batch_size, min(args.steps, 6))

@@ -32,7 +32,8 @@ def main(out: str, per_device_batch: int) -> None:
     student = build_student(teacher, StudentConfig(num_layers=2, hidden_size=32, num_heads=4, dropout=0.0))
     cfg = TrainConfig(max_steps=4, batch_size=per_device_batch, learning_rate=1e-3, warmup_ratio=0.0, seed=5)
     recorder = Recorder()
-    trainer = DistillTrainer(teacher, student, _objective(), blocks, cfg, Path(out).parent / f"run{per_device_batch}", 0, [recorder])
+    trainer = DistillTrainer(teacher, student, _objective(), examples=blocks, config=cfg,
+                             output_dir=Path(out).parent / f"run{per_device_batch}", pad_token_id=0, callbacks=[recorder])
     trainer.train()
     if trainer.accelerator.is_main_process:
         checksum = sum(p.double().abs().sum().item() for p in trainer.unwrapped.parameters())

@@ -292,7 +292,7 @@ def test_meta_teacher_refreshes_prototypes_at_each_epoch_start(tmp_path, one_thr
 
     domains = torch.tensor([i % 2 for i in range(32)])
     config = TrainConfig(max_steps=10, batch_size=8, learning_rate=1e-3, log_every=1)  # 4 steps an epoch
-    trainer = Recording(None, model, objective, examples, config, tmp_path, pad_token_id=0)
+    trainer = Recording(None, model, objective, examples=examples, config=config, output_dir=tmp_path, pad_token_id=0)
     fresh = trainer.encode_all()
     trainer.initial_reps = fresh * 0 + torch.arange(32.0).unsqueeze(1)  # stands in for the step-0 pass only
     result = trainer.train()

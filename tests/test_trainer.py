@@ -57,16 +57,19 @@ def test_resume_is_exact(tmp_path, wiki_blocks):
     teacher = tiny_bert()
     cfg = _train_cfg()
 
-    straight = DistillTrainer(teacher, _student(teacher), _objective(), wiki_blocks, cfg, tmp_path / "a", pad_token_id=0)
+    straight = DistillTrainer(teacher, _student(teacher), _objective(), examples=wiki_blocks, config=cfg, output_dir=tmp_path / "a",
+                              pad_token_id=0)
     straight.train()
     expected = {k: v.clone() for k, v in straight.unwrapped.state_dict().items()}
 
-    first = DistillTrainer(teacher, _student(teacher), _objective(), wiki_blocks, cfg, tmp_path / "b", pad_token_id=0)
+    first = DistillTrainer(teacher, _student(teacher), _objective(), examples=wiki_blocks, config=cfg, output_dir=tmp_path / "b",
+                           pad_token_id=0)
     first.train(until_step=4)
     assert (tmp_path / "b" / "checkpoints" / "step-0000004" / "trainer_state.pt").is_file()
     # Different initial weights prove the checkpoint, not the seed, supplies the state.
     resumed = DistillTrainer(
-        teacher, _student(teacher, seed=99), _objective(seed=98), wiki_blocks, cfg, tmp_path / "b", pad_token_id=0
+        teacher, _student(teacher, seed=99), _objective(seed=98), examples=wiki_blocks, config=cfg,
+        output_dir=tmp_path / "b", pad_token_id=0
     )
     result = resumed.train()
     assert result.resumed_from == 4 and result.steps == 8
@@ -81,8 +84,10 @@ def test_resume_is_exact(tmp_path, wiki_blocks):
 
 def test_resume_refuses_a_checkpoint_from_another_config(tmp_path, wiki_blocks):
     teacher = tiny_bert()
-    DistillTrainer(teacher, _student(teacher), _objective(), wiki_blocks, _train_cfg(), tmp_path, 0).train(until_step=2)
-    other = DistillTrainer(teacher, _student(teacher), _objective(), wiki_blocks, _train_cfg(learning_rate=5e-4), tmp_path, 0)
+    DistillTrainer(teacher, _student(teacher), _objective(), examples=wiki_blocks, config=_train_cfg(), output_dir=tmp_path,
+                   pad_token_id=0).train(until_step=2)
+    other = DistillTrainer(teacher, _student(teacher), _objective(), examples=wiki_blocks, config=_train_cfg(learning_rate=5e-4),
+                           output_dir=tmp_path, pad_token_id=0)
     with pytest.raises(CheckpointMismatchError, match="different config"):
         other.train()
 
@@ -90,7 +95,8 @@ def test_resume_refuses_a_checkpoint_from_another_config(tmp_path, wiki_blocks):
 def test_checkpoints_are_pruned_and_staging_never_counts(tmp_path, wiki_blocks):
     teacher = tiny_bert()
     trainer = DistillTrainer(
-        teacher, _student(teacher), _objective(), wiki_blocks, _train_cfg(checkpoint_every=2, keep_checkpoints=2), tmp_path, 0
+        teacher, _student(teacher), _objective(), examples=wiki_blocks, config=_train_cfg(checkpoint_every=2, keep_checkpoints=2),
+        output_dir=tmp_path, pad_token_id=0,
     )
     (tmp_path / "checkpoints" / ".staging-step-0000099").mkdir(parents=True)
     trainer.train()
@@ -151,7 +157,8 @@ def test_gradients_reach_the_projections_and_they_are_saved(tmp_path, wiki_block
     from kd_core.train.trainer import load_projections
 
     teacher = tiny_bert()
-    trainer = DistillTrainer(teacher, _student(teacher), _objective(), wiki_blocks, _train_cfg(max_steps=2), tmp_path, 0)
+    trainer = DistillTrainer(teacher, _student(teacher), _objective(), examples=wiki_blocks, config=_train_cfg(max_steps=2),
+                             output_dir=tmp_path, pad_token_id=0)
     before = {k: v.clone() for k, v in trainer.projections.state_dict().items()}
     trainer.train()
     for key, value in trainer.projections.state_dict().items():
@@ -168,7 +175,7 @@ def test_gradients_reach_the_projections_and_they_are_saved(tmp_path, wiki_block
 def test_non_finite_loss_aborts_with_the_step(tmp_path, wiki_blocks):
     teacher = tiny_bert()
     student = _student(teacher)
-    trainer = DistillTrainer(teacher, student, _objective(), wiki_blocks, _train_cfg(), tmp_path, 0)
+    trainer = DistillTrainer(teacher, student, _objective(), examples=wiki_blocks, config=_train_cfg(), output_dir=tmp_path, pad_token_id=0)
     trainer.train(until_step=2)
     with torch.no_grad():
         trainer.student.embeddings.word_embeddings.weight.fill_(float("nan"))
@@ -220,7 +227,8 @@ def test_intermediate_loss_falls_with_the_real_teacher(tmp_path, tokenizer, kd_d
     student = build_student(teacher, cfg.student)
     blocks = list(pack_token_blocks(tokenizer, iter_documents(kd_data_dir / "wikipedia_sample" / "AA" / "wiki_03"), 48, 96))
     train = TrainConfig(max_steps=12, batch_size=8, learning_rate=1e-3, warmup_ratio=0.1, log_every=1)
-    result = DistillTrainer(teacher, student, build_objective(cfg, teacher, student), blocks, train, tmp_path, 0).train()
+    result = DistillTrainer(teacher, student, build_objective(cfg, teacher, student), examples=blocks, config=train, output_dir=tmp_path,
+                            pad_token_id=0).train()
     losses = [h["loss"] for h in result.history]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < 0.95 * sum(losses[:3]) / 3, losses
@@ -240,9 +248,11 @@ class _StopAt:
 def test_a_requested_stop_checkpoints_and_the_resume_equals_an_uninterrupted_run(tmp_path, wiki_blocks):
     teacher = tiny_bert()
     cfg = _train_cfg(log_every=3)  # the stop (step 5) falls between logged steps 3 and 6
-    straight = DistillTrainer(teacher, _student(teacher), _objective(), wiki_blocks, cfg, tmp_path / "a", 0).train()
+    straight = DistillTrainer(teacher, _student(teacher), _objective(), examples=wiki_blocks, config=cfg, output_dir=tmp_path / "a",
+                              pad_token_id=0).train()
 
-    stopped = DistillTrainer(teacher, _student(teacher), _objective(), wiki_blocks, cfg, tmp_path / "b", 0,
+    stopped = DistillTrainer(teacher, _student(teacher), _objective(), examples=wiki_blocks, config=cfg, output_dir=tmp_path / "b",
+                             pad_token_id=0,
                              callbacks=[_StopAt(5)])
     try:
         with pytest.raises(TrainingInterrupted, match="stopped at step 5") as raised:
@@ -250,7 +260,8 @@ def test_a_requested_stop_checkpoints_and_the_resume_equals_an_uninterrupted_run
     finally:
         STOP_REQUESTED.clear()
     assert raised.value.step == 5 and raised.value.checkpoint.name == "step-0000005"
-    resumed = DistillTrainer(teacher, _student(teacher), _objective(), wiki_blocks, cfg, tmp_path / "b", 0).train()
+    resumed = DistillTrainer(teacher, _student(teacher), _objective(), examples=wiki_blocks, config=cfg, output_dir=tmp_path / "b",
+                             pad_token_id=0).train()
     assert resumed.resumed_from == 5 and resumed.steps == 8
     # the history is the uninterrupted run's: logged steps 3, 6 and the last, with the same losses
     assert [row["step"] for row in straight.history] == [3, 6, 8]

@@ -94,7 +94,8 @@ def distill_on_corpus(
                           section.recipe_params, init_layers=init_layers_of(student))
     objective = Objective(specs, s_shape, t_shape)
     init_projections_from_channels(objective.projections, student)
-    trainer = DistillTrainer(teacher, student, objective, blocks, section.train, work, tokenizer.pad_token_id, callbacks)
+    trainer = DistillTrainer(teacher, student, objective, examples=blocks, config=section.train, output_dir=work,
+                             pad_token_id=tokenizer.pad_token_id, callbacks=callbacks)
     return finish_training(trainer, trainer.train(), tokenizer, out)
 
 
@@ -200,7 +201,8 @@ def finetune(
     examples = encode_examples(read_rows(task_dir / "train.parquet"), tokenizer, cfg.task.max_seq_length)
     shape = shape_of(model)
     specs = expand_recipe("finetune", LayerMapping(), shape.num_layers, shape.num_layers, params={"regression": spec.is_regression})
-    trainer = DistillTrainer(None, model, Objective(specs, shape, None), examples, train, work, tokenizer.pad_token_id, callbacks)
+    trainer = DistillTrainer(None, model, Objective(specs, shape, None), examples=examples, config=train, output_dir=work,
+                             pad_token_id=tokenizer.pad_token_id, callbacks=callbacks)
     return finish_training(trainer, trainer.train(), tokenizer, out)
 
 
@@ -324,7 +326,8 @@ def distill_on_task(cfg: PipelineConfig, io: StageIO, *, train: TrainConfig, rec
     examples = encode_examples(read_rows(io[data_role] / "train.parquet"), tokenizer, cfg.task.max_seq_length)
     # a hard-label recipe (the no-KD ablations) must not pay for the teacher's forward pass
     teacher = teacher if objective.needs_teacher else None
-    trainer = DistillTrainer(teacher, student, objective, examples, train, io.work, tokenizer.pad_token_id, io.callbacks)
+    trainer = DistillTrainer(teacher, student, objective, examples=examples, config=train, output_dir=io.work,
+                             pad_token_id=tokenizer.pad_token_id, callbacks=io.callbacks)
     return finish_training(trainer, trainer.train(), tokenizer, io.out)
 
 

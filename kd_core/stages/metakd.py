@@ -184,14 +184,15 @@ def train_teacher(
                                          section.alpha, section.gamma1, section.corruption_dropout, section.normalize_scores)
         extra = {"kind": kind, "alpha": section.alpha, "gamma1": section.gamma1, "domains": section.domains,
                  "normalize_scores": section.normalize_scores}
-        trainer = DomainBatchTrainer(None, model, objective, examples, train, work, tokenizer.pad_token_id,
-                                     callbacks, fingerprint_extra=extra)
+        trainer = DomainBatchTrainer(None, model, objective, examples=examples, config=train, output_dir=work,
+                                     pad_token_id=tokenizer.pad_token_id,
+                                     callbacks=callbacks, fingerprint_extra=extra)
         if reps_dir is not None:
             trainer.initial_reps = lookup_reps(reps_dir, rows, section.domains)
     else:
         specs = expand_recipe("finetune", LayerMapping(), shape.num_layers, shape.num_layers)
-        trainer = DistillTrainer(None, model, Objective(specs, shape, None), examples, train, work,
-                                 tokenizer.pad_token_id, callbacks, fingerprint_extra={"kind": kind})
+        trainer = DistillTrainer(None, model, Objective(specs, shape, None), examples=examples, config=train, output_dir=work,
+                                 pad_token_id=tokenizer.pad_token_id, callbacks=callbacks, fingerprint_extra={"kind": kind})
     summary = finish_training(trainer, trainer.train(), tokenizer, out)
     if kind == "meta":
         summary["prototype_refreshes"] = trainer.prototype_refreshes
@@ -316,14 +317,17 @@ def distill_student(
         extra["gamma2"] = section.gamma2
     else:
         objective = WeightedDistillObjective(specs, s_shape, t_shape)
-    intermediate = DomainBatchTrainer(teacher, student, objective, examples, section.distill.model_copy(update={"seed": seed}),
-                                      Path(work) / "intermediate", tokenizer.pad_token_id, callbacks, fingerprint_extra=extra)
+    intermediate = DomainBatchTrainer(teacher, student, objective, examples=examples,
+                                      config=section.distill.model_copy(update={"seed": seed}),
+                                      output_dir=Path(work) / "intermediate", pad_token_id=tokenizer.pad_token_id,
+                                      callbacks=callbacks, fingerprint_extra=extra)
     first = intermediate.train()
     del intermediate, teacher
     offset = _StepOffset(callbacks, first.steps)
     prediction = DomainBatchTrainer(None, student, PredictionObjective(s_shape, t_shape, section.temperature, method == "meta"),
-                                    examples, section.prediction.model_copy(update={"seed": seed}), Path(work) / "prediction",
-                                    tokenizer.pad_token_id, [offset], fingerprint_extra=extra)
+                                    examples=examples, config=section.prediction.model_copy(update={"seed": seed}),
+                                    output_dir=Path(work) / "prediction",
+                                    pad_token_id=tokenizer.pad_token_id, callbacks=[offset], fingerprint_extra=extra)
     second = prediction.train()
     prediction.save_student(out / MODEL_SUBDIR, tokenizer, atomic=False)
     history = pd.concat([pd.DataFrame(first.history).assign(phase="intermediate"),

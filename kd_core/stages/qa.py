@@ -121,8 +121,8 @@ def finetune_teacher_qa(cfg: PipelineConfig, io: StageIO) -> dict:
     features = _features(cfg, qa_rows(io["data"], "train")[0], tokenizer, with_labels=True)
     shape = shape_of(model)
     specs = expand_recipe("qa_finetune", LayerMapping(), shape.num_layers, shape.num_layers)
-    trainer = DistillTrainer(None, model, Objective(specs, shape, None), features.inputs, train, io.work,
-                             tokenizer.pad_token_id, io.callbacks)
+    trainer = DistillTrainer(None, model, Objective(specs, shape, None), examples=features.inputs, config=train, output_dir=io.work,
+                             pad_token_id=tokenizer.pad_token_id, callbacks=io.callbacks)
     return {**finish_training(trainer, trainer.train(), tokenizer, io.out), "train_windows": len(features)}
 
 
@@ -163,8 +163,9 @@ def task_distill_qa(cfg: PipelineConfig, io: StageIO, step: str) -> dict:
     objective = Objective(specs, s_shape, t_shape)
     init_projections(objective, student_dir / MODEL_SUBDIR)
     features = _features(cfg, qa_rows(io["data"], "train")[0], tokenizer, with_labels=True)
-    trainer = DistillTrainer(teacher, student, objective, features.inputs, train, io.work, tokenizer.pad_token_id,
-                             io.callbacks)
+    trainer = DistillTrainer(teacher, student, objective, examples=features.inputs, config=train, output_dir=io.work,
+                             pad_token_id=tokenizer.pad_token_id,
+                             callbacks=io.callbacks)
     return {**finish_training(trainer, trainer.train(), tokenizer, io.out), "train_windows": len(features)}
 
 

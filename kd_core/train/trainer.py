@@ -110,6 +110,7 @@ class DistillTrainer:
         teacher: nn.Module | None,
         student: nn.Module,
         objective: Objective,
+        *,
         examples: Sequence[dict],
         config: TrainConfig,
         output_dir: str | Path,
