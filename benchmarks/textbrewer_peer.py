@@ -245,7 +245,7 @@ class StepClock:
         self.stamps: list[float] = []
         self.metrics: list[dict] = []
 
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         self.stamps.append(time.perf_counter())
         self.metrics.append(dict(metrics))
 

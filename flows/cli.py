@@ -31,7 +31,7 @@ class _ConsoleLogger:
     def __init__(self, every: int):
         self.every = every
 
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         if step % self.every and step != 1:
             return
         terms = {k[5:]: v for k, v in metrics.items() if k.startswith("loss/")}

@@ -130,7 +130,7 @@ class StageProgress:
                 self.logger.debug("%s: progress update failed (%s)", self.stage, exc)
             self.updated_at = now
 
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         import time
 
         if not hasattr(self, "first"):

@@ -78,7 +78,7 @@ class StepMetricsLogger:
         self.pending: list = []
         self.flushed_at = time.monotonic()
 
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         import time
 
         from mlflow.entities import Metric

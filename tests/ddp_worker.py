@@ -19,7 +19,7 @@ class Recorder:
     def __init__(self):
         self.losses = []
 
-    def on_step(self, step, metrics):
+    def on_step_end(self, step, metrics):
         self.losses.append(metrics["loss"])
 
 

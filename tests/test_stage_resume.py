@@ -16,7 +16,7 @@ class KillAt:
     def __init__(self, step: int):
         self.step = step
 
-    def on_step(self, step, metrics):
+    def on_step_end(self, step, metrics):
         if step == self.step:
             raise Killed(f"killed at step {step}")
 

@@ -240,7 +240,7 @@ class _StopAt:
     def __init__(self, step: int):
         self.step = step
 
-    def on_step(self, step, metrics):
+    def on_step_end(self, step, metrics):
         if step == self.step:
             STOP_REQUESTED.set()
 
@@ -266,3 +266,31 @@ def test_a_requested_stop_checkpoints_and_the_resume_equals_an_uninterrupted_run
     # the history is the uninterrupted run's: logged steps 3, 6 and the last, with the same losses
     assert [row["step"] for row in straight.history] == [3, 6, 8]
     assert resumed.history == straight.history
+
+
+def test_named_events_fire_in_order_and_epoch_metrics_join_their_step(tmp_path, wiki_blocks):
+    """20 examples, global batch 8 (4 x 2 accumulation), the ragged tail of 4 dropped: two steps
+    an epoch, so epochs begin before steps 1, 3, 5 and 7."""
+    events = []
+
+    class Recorder:
+        def on_train_begin(self, first, last, global_batch):
+            events.append(("train_begin", first, last, global_batch))
+
+        def on_epoch_begin(self, trainer, epoch):
+            events.append(("epoch_begin", trainer.step + 1, epoch))
+            return {"epoch_marker": float(epoch)}
+
+        def on_step_end(self, step, metrics):
+            events.append(("step_end", step))
+
+    teacher = tiny_bert()
+    trainer = DistillTrainer(teacher, _student(teacher), _objective(), examples=wiki_blocks[:20], config=_train_cfg(),
+                             output_dir=tmp_path, pad_token_id=0, callbacks=[Recorder()])
+    expected_starts = [1, 3, 5, 7]
+    result = trainer.train()
+    assert events[0] == ("train_begin", 0, 8, 8)
+    assert [e[1:] for e in events if e[0] == "epoch_begin"] == [(1, 0), (3, 1), (5, 2), (7, 3)]
+    assert [e[1] for e in events if e[0] == "step_end"] == list(range(1, 9))
+    marked = {row["step"]: row.get("epoch_marker") for row in result.history}
+    assert [s for s, v in marked.items() if v is not None] == expected_starts

@@ -92,21 +92,16 @@ class DomainBatchTrainer(DistillTrainer):
     def objective(self):
         return self.unwrapped.objective
 
-    def _epoch_starts(self) -> bool:
-        position, plan = self.position, self.plan
-        return position.offset == 0 or position.offset + plan.global_batch > plan.num_examples
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prototype_refresh = PrototypeRefresh()
+        if isinstance(self.objective, MetaTeacherObjective):
+            self.callbacks.insert(0, self.prototype_refresh)  # before any callback sees the step
 
-    prototype_refreshes = 0  # in this process (a resumed run counts from its resume point)
-
-    def _train_step(self) -> dict:
-        refreshed = isinstance(self.objective, MetaTeacherObjective) and self._epoch_starts()
-        if refreshed:
-            self.refresh_prototypes()
-            self.prototype_refreshes += 1
-        metrics = super()._train_step()
-        if refreshed:
-            metrics["prototype_refresh"] = 1.0
-        return metrics
+    @property
+    def prototype_refreshes(self) -> int:
+        """Refreshes in this process (a resumed run counts from its resume point)."""
+        return self.prototype_refresh.count
 
     def encode_all(self) -> Tensor:
         """``h(X)`` of every example under the current weights."""
@@ -128,6 +123,19 @@ class DomainBatchTrainer(DistillTrainer):
         objective.prototypes.copy_(prototypes)
         objective.prototype_counts.copy_(counts)
         objective.instance_scores.copy_(prototype_scores(reps, domains, labels, prototypes, objective.alpha))
+
+
+class PrototypeRefresh:
+    """Trainer callback: a meta-teacher's prototypes and instance scores (Eq. 1-2) recomputed at
+    the start of every epoch, and the step marked ``prototype_refresh``."""
+
+    def __init__(self):
+        self.count = 0
+
+    def on_epoch_begin(self, trainer: DomainBatchTrainer, epoch: int) -> dict:
+        trainer.refresh_prototypes()
+        self.count += 1
+        return {"prototype_refresh": 1.0}
 
 
 class MetaTeacherObjective(Objective):

@@ -352,9 +352,10 @@ class _StepOffset:
     def __init__(self, callbacks: Sequence[TrainerCallback], offset: int):
         self.callbacks, self.offset = list(callbacks), offset
 
-    def on_step(self, step: int, metrics: dict[str, float]) -> None:
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         for callback in self.callbacks:
-            callback.on_step(step + self.offset, {**metrics, "step": step + self.offset})
+            if hasattr(callback, "on_step_end"):
+                callback.on_step_end(step + self.offset, {**metrics, "step": step + self.offset})
 
 
 def cached_logits(teacher_dir: Path, domain: str, idx: pd.Series) -> list[list[float]]:

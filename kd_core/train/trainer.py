@@ -47,12 +47,18 @@ class CheckpointMismatchError(UserError, RuntimeError):
 
 
 class TrainerCallback(Protocol):
-    """``on_step`` after every optimizer step; ``on_train_begin(first_step, last_step,
-    global_batch)``, when a callback defines it, once before the first (after a resume,
-    ``first_step`` is the checkpoint's step). Stages that do not train (augmentation, corpus
-    preparation) call ``on_progress(done, total, unit)`` on the callbacks that define it."""
+    """Named training events; the trainer calls each on the callbacks that define it:
 
-    def on_step(self, step: int, metrics: dict[str, float]) -> None: ...
+    * ``on_train_begin(first_step, last_step, global_batch)``: once, before the first step (after
+      a resume, ``first_step`` is the checkpoint's step);
+    * ``on_epoch_begin(trainer, epoch)``: before the first step of each pass over the examples
+      (and the first step of a run); metrics it returns are recorded with that step's;
+    * ``on_step_end(step, metrics)``: after every optimizer step.
+
+    Stages that do not train (augmentation, corpus preparation) call ``on_progress(done, total,
+    unit)`` on the callbacks that define it."""
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None: ...
 
 
 @dataclass
@@ -283,13 +289,16 @@ class DistillTrainer:
             if STOP_REQUESTED.is_set():
                 raise TrainingInterrupted(self.step, self.save_checkpoint())
             started = time.perf_counter()
+            noted = self._epoch_begins()
             metrics = self._train_step()
+            metrics.update(noted)
             self.step += 1
             train_seconds += time.perf_counter() - started
             sequences += self.plan.global_batch
             metrics["step"] = self.step
             for callback in self.callbacks:
-                callback.on_step(self.step, metrics)
+                if hasattr(callback, "on_step_end"):
+                    callback.on_step_end(self.step, metrics)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 self.history.append(metrics)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
@@ -306,6 +315,23 @@ class DistillTrainer:
             sequences_per_second=sequences / train_seconds if train_seconds else 0.0,
             history=list(self.history),
         )
+
+    def epoch_starts(self) -> bool:
+        """The next step starts a pass over the examples (or is the run's first step)."""
+        position, plan = self.position, self.plan
+        return position.offset == 0 or position.offset + plan.global_batch > plan.num_examples
+
+    def _epoch_begins(self) -> dict:
+        """``on_epoch_begin`` on the callbacks that take it, when the next step starts an epoch;
+        the metrics they return, for that step."""
+        noted: dict = {}
+        if self.epoch_starts():
+            # the plan wraps to the next epoch inside the step when the ragged tail is left
+            epoch = self.position.epoch + (self.position.offset != 0)
+            for callback in self.callbacks:
+                if hasattr(callback, "on_epoch_begin"):
+                    noted.update(callback.on_epoch_begin(self, epoch) or {})
+        return noted
 
     def batch_targets(self, examples: list[dict], batch: dict[str, torch.Tensor], device):
         """What the objective receives as ``labels``: the batch labels. Subclasses whose
