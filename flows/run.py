@@ -181,7 +181,10 @@ def submit_graph(ctx: RunContext, cfg) -> dict:
     """Submit every stage of the flow's graph, in its topological order, each with its inputs by
     role and its ordering-only edges as ``wait_for``: ``{name: future}``."""
     futures: dict = {}
-    for name, stage in dag_for(ctx.flow_name, cfg).items():
+    graph = dag_for(ctx.flow_name, cfg)
+    for stage in graph.values():
+        stage.code  # noqa: B018 - the code fingerprints, once, before the stage threads ask for them
+    for name, stage in graph.items():
         inputs = {role: futures[node] for role, node in stage.inputs.items()}
         futures[name] = stage_task(name).submit(ctx, cfg, inputs, wait_for=[futures[node] for node in stage.after])
     return futures

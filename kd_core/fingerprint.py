@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -260,6 +261,11 @@ def unit_of(fn: Callable) -> Unit:
     return (fn.__module__, fn.__qualname__.split(".")[0])
 
 
+# Stage threads compute keys at once: the analyzer's caches are plain dicts, and CPython 3.11's
+# ast.parse is not safe from several threads ("AST constructor recursion depth mismatch").
+_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1)
 def _default() -> Analyzer:
     return Analyzer()
@@ -267,10 +273,12 @@ def _default() -> Analyzer:
 
 def reach(fn: Callable, analyzer: Analyzer | None = None) -> frozenset[Unit]:
     """Every kd_core unit ``fn`` can run."""
-    return (analyzer or _default()).closure(unit_of(fn))
+    with _LOCK:
+        return (analyzer or _default()).closure(unit_of(fn))
 
 
 def code_fingerprint(fn: Callable, analyzer: Analyzer | None = None) -> str:
     """A hash of the source of every kd_core unit ``fn`` can run."""
-    analyzer = analyzer or _default()
-    return analyzer.fingerprint(analyzer.closure(unit_of(fn)))
+    with _LOCK:
+        analyzer = analyzer or _default()
+        return analyzer.fingerprint(analyzer.closure(unit_of(fn)))

@@ -163,3 +163,22 @@ def test_every_kd_core_function_a_stage_runs_is_in_its_fingerprint(data_env, tmp
         print(name, len(called), "units called,", len(reached), "hashed")
         assert called, name
     assert not missing, missing
+
+
+def test_fingerprints_computed_from_many_threads_at_once_agree(data_env):
+    """Stage threads ask for their keys at once, each analysis filling shared caches: every thread
+    gets the answer a single thread gets. (The race that made this a lock, CPython 3.11's
+    "AST constructor recursion depth mismatch" from concurrent parses, showed only in two loaded
+    `kd run` processes; tests/test_interrupts.py's two-runs test is the one that met it.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stages = list(_graph().values())
+    analyzers = [Analyzer() for _ in range(8)]  # fresh caches: every thread parses every module
+
+    def fingerprints(analyzer):
+        return [code_fingerprint(stage.fn, analyzer) for stage in stages]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(fingerprints, analyzers))
+    assert all(result == results[0] for result in results)
+    assert results[0] == [code_fingerprint(stage.fn) for stage in stages]
