@@ -55,6 +55,11 @@ class StageIO:
     def get(self, role: str) -> Path | None:
         return Path(self.inputs[role]) if role in self.inputs else None
 
+    def others(self, *roles: str) -> dict[str, Path]:
+        """Every input but ``roles``, in entry order: the models beside the data, the domains
+        beside a meta-teacher's cached representations."""
+        return {role: Path(path) for role, path in self.inputs.items() if role not in roles}
+
 
 def data_root(cfg: PipelineConfig) -> Path:
     # the loaders' own rule (KD_DATA_DIR, ../shared/data, beside the repo): `kd run` and

@@ -332,15 +332,10 @@ def distill_on_task(cfg: PipelineConfig, io: StageIO, *, train: TrainConfig, rec
 
 
 # ---- evaluation, benchmark, report ----------------------------------------------------------------
-def models_of(io: StageIO) -> dict[str, Path]:
-    """The model inputs of an evaluation or benchmark: every input but the task data."""
-    return {role: path for role, path in io.inputs.items() if role != "task"}
-
-
 def evaluate(cfg: PipelineConfig, io: StageIO) -> dict:
     """metrics.parquet of every model input on ``task.eval_split``. Inputs: the models by name
     (``teacher``, ``student``), and ``task``."""
-    return evaluate_models(cfg, models_of(io), io["task"], io.out)
+    return evaluate_models(cfg, io.others("task"), io["task"], io.out)
 
 
 def evaluate_models(cfg: PipelineConfig, models: dict[str, Path], task_dir: Path, out: Path) -> dict:
@@ -369,7 +364,7 @@ def benchmark(cfg: PipelineConfig, io: StageIO) -> dict:
     name (``teacher``, ``student``)."""
     from kd_core.bench import BenchGrid, load_bench_model, run_benchmark, write_benchmark
 
-    models, out = models_of(io), io.out
+    models, out = io.others("task"), io.out
     section = cfg.benchmark
     grid = BenchGrid.from_section(section)
     with quiet_transformers():  # a classifier dir loaded as a bare encoder: its head is expected to be unused

@@ -381,7 +381,7 @@ def encode_domains_stage(cfg: PipelineConfig, io: StageIO) -> dict:
 def teacher_stage(cfg: PipelineConfig, io: StageIO, *, kind: str, target: str | None, fraction: float, seed: int) -> dict:
     """Inputs: the prepare_task of each domain it trains on, by domain name, and for a
     meta-teacher ``reps`` (encode_domains)."""
-    task_dirs = {role: path for role, path in io.inputs.items() if role != "reps"}
+    task_dirs = io.others("reps")
     return train_teacher(cfg, kind, task_dirs, target, fraction, seed, io.out, io.work, io.callbacks, reps_dir=io.get("reps"))
 
 
@@ -392,7 +392,7 @@ def student_stage(cfg: PipelineConfig, io: StageIO, *, method: str, target: str,
 
 def evaluation_stage(cfg: PipelineConfig, io: StageIO, *, target: str) -> dict:
     """Inputs: the models by metric name, and ``task`` (the target's prepare_task)."""
-    models = {role: path for role, path in io.inputs.items() if role != "task"}
+    models = io.others("task")
     return evaluate_models(cfg, target, models, io["task"], io.out)
 
 

@@ -178,7 +178,7 @@ def evaluate_qa(cfg: PipelineConfig, io: StageIO) -> dict:
     """Exact match and F1 of each model on the eval part; ``score`` is F1 (v2.0: F1 at the
     no-answer threshold tuned on this split, the official best_f1). Inputs: the models by name
     (``teacher``, ``student``), and ``data``."""
-    models = {role: path for role, path in io.inputs.items() if role != "data"}
+    models = io.others("data")
     return evaluate_qa_models(cfg, models, io["data"], io.out)
 
 
